@@ -1,0 +1,14 @@
+"""clicktrain: train CNNs that come out pattern-pruned, in one run, on generated kernels."""
+
+from .api import compile_for_training, harden, select_patterns
+from .config import PruneConfig
+from .errors import ClicktrainError, ConfigError, DataError, StateError, TargetError, TraceError
+from .runtime.masks import Phase
+from .runtime.report import pruning_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClicktrainError", "ConfigError", "DataError", "Phase", "PruneConfig", "StateError", "TargetError",
+    "TraceError", "compile_for_training", "harden", "pruning_report", "select_patterns",
+]

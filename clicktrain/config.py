@@ -1,0 +1,53 @@
+"""User-facing pruning configuration."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+from .patterns import KERNEL_POSITIONS
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How clicktrain prunes the prunable (3x3, groups=1) convolutions of a model.
+
+    pattern_nnz:     weights kept per kernel (k of 9); 9 disables pattern pruning.
+    num_patterns:    size of the pattern library shared by the whole model.
+    connectivity:    fraction of kernels dropped per prunable layer, in [0, 1).
+    skip_first_conv: keep the model's first convolution dense (it sees raw pixels and
+                     holds few weights; pruning it costs accuracy for little gain).
+    skip:            qualified names (or fnmatch globs) of convs to keep dense, e.g.
+                     ``("features.0", "layer3.*")``; a functional conv is named by
+                     its weight parameter's qualified name.
+    """
+
+    pattern_nnz: int = 4
+    num_patterns: int = 8
+    connectivity: float = 0.0
+    skip_first_conv: bool = True
+    skip: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if isinstance(self.skip, str):
+            # A lone string would be iterated character by character: be explicit.
+            object.__setattr__(self, "skip", (self.skip,))
+        else:
+            object.__setattr__(self, "skip", tuple(self.skip))
+        k = self.pattern_nnz
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= KERNEL_POSITIONS:
+            raise ConfigError(f"PruneConfig.pattern_nnz must be an integer in 1..9, got {k!r}")
+        n_candidates = math.comb(KERNEL_POSITIONS, k)
+        p = self.num_patterns
+        if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= n_candidates:
+            raise ConfigError(
+                f"PruneConfig.num_patterns must be an integer in 1..{n_candidates} "
+                f"(there are C(9,{k}) = {n_candidates} patterns of {k} weights), got {p!r}")
+        c = self.connectivity
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 <= c < 1.0:
+            raise ConfigError(
+                f"PruneConfig.connectivity is the fraction of kernels dropped per layer and "
+                f"must be in [0, 1), got {c!r}")
+        if not all(isinstance(s, str) and s for s in self.skip):
+            raise ConfigError(f"PruneConfig.skip must be a tuple of module names, got {self.skip!r}")

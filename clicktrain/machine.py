@@ -1,0 +1,32 @@
+"""Machine facts printed with every benchmark, and thread settings shared by torch and TVM."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def cpu_description() -> str:
+    name, flags = platform.processor() or "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name in ("unknown CPU", "", platform.machine()):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE/other"
+    return f"{name}, {os.cpu_count()} logical cores, SIMD {simd}"
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use ``n`` threads (default: all cores) in torch and, for TVM's pool, via TVM_NUM_THREADS.
+    Setting both together keeps the two runtimes from oversubscribing the cores."""
+    import torch
+    n = n or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    return n

@@ -1,0 +1,32 @@
+"""The whole compiler pipeline, in order. Each entry is one pass; each writes one dump file."""
+
+from __future__ import annotations
+
+from .base import CompileState
+from .find_prunable import FindPrunableConvs
+from .functionalize import FunctionalizeConvs
+from .harden import HardenMasks
+from .insert_masks import InsertPatternMasks
+from .lower import LowerToTarget
+from .propagate_shapes import PropagateShapes
+from .reorder import FilterKernelReorder
+
+
+def compile_pipeline(state: CompileState, example_inputs: tuple) -> list:
+    """Run by ``compile_for_training`` after tracing (dump 000_trace)."""
+    return [
+        PropagateShapes(example_inputs),
+        FunctionalizeConvs(),
+        FindPrunableConvs(state.config),
+        InsertPatternMasks(state.config),
+        LowerToTarget(state.target),
+    ]
+
+
+def harden_pipeline(state: CompileState) -> list:
+    """Run by ``harden`` once patterns are selected."""
+    return [
+        HardenMasks(),
+        FilterKernelReorder(),
+        LowerToTarget(state.target),
+    ]

@@ -1,0 +1,119 @@
+"""Filter-kernel reorder: the compact, pattern-grouped weight layout of a hardened conv.
+
+Per layer, filters are permuted so that filters with the same *signature* -- the number
+of kept kernels of each library pattern -- are adjacent (longest filters first, so
+filters of similar work sit together, as in PatDNN). Inside each filter, kept kernels
+are ordered by (pattern, input channel), so a generated kernel walks runs of one
+pattern whose offsets are compile-time constants. Kept weights are stored compactly,
+``k`` values per kept kernel; dropped kernels take no space.
+
+The layout is data, not a graph change: parameters keep their dense shape and order
+(optimizers and state_dict are unaffected), kernels gather the compact weights with
+``weight_index`` and write each filter's output to its original channel ``perm[i]``,
+so the model's outputs do not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..util import format_table
+from .base import ClicktrainPass, PassResult, compile_state
+from .insert_masks import prunable_layers
+
+
+@dataclass
+class FilterKernelLayout:
+    out_channels: int
+    in_channels: int
+    pattern_nnz: int
+    perm: torch.Tensor            # (O,) new position i computes original filter perm[i]
+    signatures: list[tuple]       # per new position: kept kernels of each library pattern
+    groups: list[tuple[int, int]]  # [start, end) ranges of equal signature, in new order
+    kernel_ptr: torch.Tensor      # (O+1,) CSR pointers of kept kernels per new position
+    kernel_channel: torch.Tensor  # (K,) input channel of each kept kernel
+    kernel_pattern: torch.Tensor  # (K,) library pattern id of each kept kernel
+    weight_index: torch.Tensor    # (K, k) flat index of each kept weight in weight.reshape(-1)
+
+    @classmethod
+    def build(cls, library: torch.Tensor, pattern_ids: torch.Tensor) -> "FilterKernelLayout":
+        out_c, in_c = pattern_ids.shape
+        n_patterns = library.shape[0]
+        k = int(library[0].sum())
+        ids = pattern_ids.long()
+        kept = ids >= 0
+        counts = torch.zeros(out_c, n_patterns, dtype=torch.long)
+        counts.scatter_add_(1, ids.clamp(min=0), kept.long())
+        signatures = [tuple(row) for row in counts.tolist()]
+        order = sorted(range(out_c), key=lambda o: (-sum(signatures[o]), tuple(-c for c in signatures[o]), o))
+        perm = torch.tensor(order, dtype=torch.long)
+        new_signatures = [signatures[o] for o in order]
+        groups, start = [], 0
+        for i in range(1, out_c + 1):
+            if i == out_c or new_signatures[i] != new_signatures[start]:
+                groups.append((start, i))
+                start = i
+        # kept kernels of each filter ordered by (pattern, channel)
+        sort_key = torch.where(kept, ids * in_c + torch.arange(in_c), torch.full_like(ids, n_patterns * in_c))
+        key_sorted, chan_sorted = torch.sort(sort_key[perm], dim=1, stable=True)
+        kept_sorted = key_sorted < n_patterns * in_c
+        kernel_channel = chan_sorted[kept_sorted]
+        kernel_filter = perm.unsqueeze(1).expand(-1, in_c)[kept_sorted]
+        kernel_pattern = ids[kernel_filter, kernel_channel]
+        kernel_ptr = torch.zeros(out_c + 1, dtype=torch.long)
+        kernel_ptr[1:] = torch.cumsum(kept_sorted.sum(1), 0)
+        positions = torch.stack([torch.nonzero(row).flatten() for row in library]) if n_patterns else torch.zeros(0, k, dtype=torch.long)
+        weight_index = ((kernel_filter * in_c + kernel_channel) * 9).unsqueeze(1) + positions[kernel_pattern]
+        return cls(out_c, in_c, k, perm, new_signatures, groups, kernel_ptr, kernel_channel, kernel_pattern, weight_index)
+
+    @property
+    def kept_kernels(self) -> int:
+        return int(self.kernel_channel.numel())
+
+    def compact(self, weight: torch.Tensor) -> torch.Tensor:
+        """Kept weights ``(K, k)`` gathered from a dense ``(O, C, 3, 3)`` weight."""
+        return weight.reshape(-1)[self.weight_index]
+
+    def expand(self, compact: torch.Tensor) -> torch.Tensor:
+        """The dense ``(O, C, 3, 3)`` weight holding ``compact`` and zeros elsewhere."""
+        dense = compact.new_zeros(self.out_channels * self.in_channels * 9)
+        dense[self.weight_index.reshape(-1)] = compact.reshape(-1)
+        return dense.view(self.out_channels, self.in_channels, 3, 3)
+
+
+class FilterKernelReorder(ClicktrainPass):
+    name = "filter_kernel_reorder"
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        for layer in prunable_layers(gm):
+            assert int(layer.mask.pattern_ids.min()) >= -1, f"{layer.site.name}: patterns not selected"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        state = compile_state(gm)
+        state.layouts = {layer.site.name: FilterKernelLayout.build(layer.mask.library, layer.mask.pattern_ids)
+                         for layer in prunable_layers(gm)}
+        return PassResult(gm, False)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        state = compile_state(gm)
+        for layer in prunable_layers(gm):
+            layout = state.layouts[layer.site.name]
+            assert sorted(layout.perm.tolist()) == list(range(layout.out_channels)), f"{layer.site.name}: perm is not a permutation"
+            masked = layer.weight.detach() * layer.mask.mask()
+            assert torch.equal(layout.expand(layout.compact(masked)), masked), \
+                f"{layer.site.name}: compact layout does not reproduce the masked weight"
+
+    def describe(self, gm: fx.GraphModule) -> str:
+        state = compile_state(gm)
+        rows = []
+        for name, layout in state.layouts.items():
+            sizes = sorted((e - s for s, e in layout.groups), reverse=True)
+            lengths = sorted({sum(s) for s in layout.signatures}, reverse=True)
+            rows.append([name, layout.out_channels, layout.kept_kernels, len(layout.groups),
+                         ",".join(map(str, sizes[:6])) + (",..." if len(sizes) > 6 else ""),
+                         f"{lengths[-1]}..{lengths[0]}" if lengths else "-"])
+        return format_table(["conv", "filters", "kept kernels", "signature groups", "largest groups", "kernels/filter"],
+                            rows, title="## filter-kernel reorder")

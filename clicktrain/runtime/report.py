@@ -1,0 +1,96 @@
+"""The per-layer pruning report."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.fx as fx
+
+from ..passes.base import compile_state
+from ..passes.insert_masks import prunable_layers
+from ..runtime.masks import Phase
+from ..util import format_table
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: str
+    treatment: str          # "pattern" or "dense: <reason>"
+    phase: str
+    kernels: int
+    kept_kernels: int
+    patterns_used: int
+    weights: int
+    kept_weights: int
+
+    @property
+    def density(self) -> float:
+        return self.kept_weights / self.weights if self.weights else 1.0
+
+
+@dataclass
+class PruningReport:
+    layers: list[LayerReport]
+    library: list[str]
+    compile_seconds: dict
+
+    @property
+    def conv_weights(self) -> int:
+        return sum(r.weights for r in self.layers)
+
+    @property
+    def kept_conv_weights(self) -> int:
+        return sum(r.kept_weights for r in self.layers)
+
+    @property
+    def conv_density(self) -> float:
+        return self.kept_conv_weights / max(1, self.conv_weights)
+
+    @property
+    def compression_ratio(self) -> float:
+        """All conv weights / kept conv weights (dense convs count in both; BatchNorm never)."""
+        return self.conv_weights / max(1, self.kept_conv_weights)
+
+    def as_dict(self) -> dict:
+        return {"layers": [dict(asdict(r), density=r.density) for r in self.layers], "library": self.library,
+                "conv_weights": self.conv_weights, "kept_conv_weights": self.kept_conv_weights,
+                "conv_density": self.conv_density, "compression_ratio": self.compression_ratio}
+
+    def __str__(self) -> str:
+        rows = [[r.name, r.shape, r.treatment, r.phase, f"{r.kept_kernels}/{r.kernels}",
+                 r.patterns_used if r.treatment == "pattern" else "-", f"{r.density:.3f}",
+                 f"{1 / r.density:.2f}x" if r.density else "inf"] for r in self.layers]
+        rows.append(["total", "", "", "", "", "", f"{self.conv_density:.3f}", f"{self.compression_ratio:.2f}x"])
+        text = format_table(["conv", "weight", "treatment", "phase", "kept kernels", "patterns", "density", "CR"], rows)
+        if self.library:
+            text += "\npattern library: " + "  ".join(f"{i}:{p}" for i, p in enumerate(self.library))
+        return text
+
+
+def pruning_report(gm: fx.GraphModule) -> PruningReport:
+    """Per conv: shape, treatment, kept kernels, patterns used, density and compression.
+
+    Kept weights of a prunable conv are the mask's size once patterns are selected (what
+    ``harden`` keeps); of a dense conv, all its weights."""
+    from ..patterns import pattern_str
+    state = compile_state(gm)
+    masks = {layer.site.name: layer.mask for layer in prunable_layers(gm)}
+    rows, library = [], []
+    for site in state.sites.values():
+        o, c = site.weight_shape[:2]
+        mask = masks.get(site.name)
+        if mask is None or mask.phase is Phase.DENSE:
+            kept_k, kept_w, used = o * c, site.num_weights, 0
+        else:
+            ids = mask.pattern_ids.long()
+            kept_k, kept_w = mask.kept_kernels, int(mask.mask().sum())
+            used = int(torch.unique(ids[ids >= 0]).numel())
+            library = library or [pattern_str(p) for p in mask.library]
+        rows.append(LayerReport(
+            name=site.name, shape=site.describe_shape(),
+            treatment="pattern" if site.prunable else f"dense: {site.reason}",
+            phase=mask.phase.name if mask is not None else "-",
+            kernels=o * c, kept_kernels=kept_k, patterns_used=used, weights=site.num_weights, kept_weights=kept_w))
+    return PruningReport(rows, library, dict(state.compile_seconds))
