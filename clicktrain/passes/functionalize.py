@@ -7,7 +7,9 @@ a submodule holding its parameters, so parameter names and the state_dict do not
 Before::                             Expected::
     conv = self.conv(x)                  conv_weight = self.conv.weight
                                          conv_bias = self.conv.bias
-                                         conv = torch.conv2d(x, conv_weight, conv_bias, (1, 1), (1, 1), (1, 1), 1)
+                                         conv_conv = torch.conv2d(x, conv_weight, conv_bias, (1, 1), (1, 1), (1, 1), 1)
+
+A non-zero ``padding_mode`` becomes an explicit ``F.pad`` followed by an unpadded conv.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ class FunctionalizeConvs(ClicktrainPass):
                     x = gm.graph.call_function(
                         F.pad, (x, module._reversed_padding_repeated_twice), {"mode": module.padding_mode})
                     padding = (0, 0)
-                conv = gm.graph.call_function(
-                    torch.conv2d, (x, weight, bias, module.stride, padding, module.dilation, module.groups))
+                # named after the module, so the dump stays readable
+                conv = gm.graph.create_node(
+                    "call_function", torch.conv2d, (x, weight, bias, module.stride, padding, module.dilation, module.groups),
+                    name=f"{node.target.replace('.', '_')}_conv")
             conv.meta = dict(node.meta)
             conv.meta[NAME_KEY] = node.target
             node.replace_all_uses_with(conv)
