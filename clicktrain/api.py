@@ -50,7 +50,7 @@ def compile_for_training(model: nn.Module, example_inputs, target: str = "torch"
     example_inputs = tuple(example_inputs)
     dump = DumpWriter(debug_dir) if debug_dir is not None else None
     gm = trace_model(model, leaf_modules)
-    gm._clicktrain = CompileState(config=config, target=target, dump=dump)
+    gm._clicktrain = CompileState(config=config, target=target, dump=dump, original=model)
     if dump is not None:
         dump.write("trace", gm)
     gm = PassManager(compile_pipeline(gm._clicktrain, example_inputs), dump)(gm).graph_module

@@ -21,7 +21,21 @@ def _inspect(args) -> int:
         from .passes.dump import summarize_dump
         print(summarize_dump(path))
         return 0
-    raise ClicktrainError(f"{path}: expected a debug-dump directory (written by compile_for_training(debug_dir=...))")
+    if path.suffix == ".onnx" and path.is_file():
+        from .codegen.onnx_inspect import inspect_onnx
+        text, ok = inspect_onnx(path)
+        print(text)
+        return 0 if ok else 1
+    raise ClicktrainError(f"{path}: expected a debug-dump directory (written by compile_for_training(debug_dir=...)) "
+                          f"or an .onnx file")
+
+
+def _export(args) -> int:
+    from .codegen.export import export_onnx, load_checkpoint
+    model, example = load_checkpoint(args.checkpoint, args.model, args.input_shape)
+    out = export_onnx(model, args.onnx, example, opset=args.opset, fold_batchnorm=args.fold_batchnorm)
+    print(f"wrote {out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 
-    insp = sub.add_parser("inspect", help="summarise a debug dump directory")
+    exp = sub.add_parser("export", help="export a checkpoint (from ct.export_torch) to ONNX")
+    exp.add_argument("checkpoint", help="file written by ct.export_torch, or a plain state_dict of --model")
+    exp.add_argument("--onnx", required=True, help="output .onnx path (written atomically)")
+    exp.add_argument("--model", required=True, help="vgg_small, vgg11, vgg13, resnet20, resnet32")
+    exp.add_argument("--input-shape", default="1,28,28", help="C,H,W of one input (default 1,28,28)")
+    exp.add_argument("--num-classes", type=int, default=10)
+    exp.add_argument("--opset", type=int, default=None)
+    exp.add_argument("--fold-batchnorm", action="store_true")
+    exp.set_defaults(func=_export)
+
+    insp = sub.add_parser("inspect", help="summarise a debug dump directory or check an .onnx file")
     insp.add_argument("path")
     insp.set_defaults(func=_inspect)
     return parser

@@ -29,6 +29,7 @@ class CompileState:
     sites: dict = field(default_factory=dict)
     layouts: dict = field(default_factory=dict)
     compile_seconds: dict = field(default_factory=dict)  # per kernel-compiling pass
+    original: object = None  # the nn.Module that was traced (shares parameters with the graph)
 
 
 def compile_state(gm: fx.GraphModule) -> CompileState:
