@@ -60,12 +60,17 @@ class InsertPatternMasks(ClicktrainPass):
         return PassResult(gm, modified)
 
     def ensures(self, gm: fx.GraphModule) -> None:
-        for node in gm.graph.nodes:
-            site = node.meta.get(META_KEY) if is_conv2d_call(node) else None
-            if site is not None and site.prunable:
-                w = conv_args(node)["weight"]
-                assert w.op == "call_module" and w.target == site.mask_target, \
-                    f"{node.name}: prunable conv '{site.name}' does not read its weight through a PatternMask"
+        assert_weights_masked(gm)
+
+
+def assert_weights_masked(gm: fx.GraphModule) -> None:
+    """Every prunable conv reads its weight through its PatternMask."""
+    for node in gm.graph.nodes:
+        site = node.meta.get(META_KEY) if is_conv2d_call(node) else None
+        if site is not None and site.prunable:
+            w = conv_args(node)["weight"]
+            assert w.op == "call_module" and w.target == site.mask_target, \
+                f"{node.name}: prunable conv '{site.name}' does not read its weight through a PatternMask"
 
 
 class PrunableLayer:

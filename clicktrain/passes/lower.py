@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .base import ClicktrainPass, PassResult
-from .conv_sites import META_KEY, conv_args, is_conv2d_call
+from .insert_masks import assert_weights_masked
 
 TARGETS = ("torch", "llvm", "cuda")
 
@@ -26,9 +26,5 @@ class LowerToTarget(ClicktrainPass):
         return PassResult(gm, False)
 
     def ensures(self, gm: fx.GraphModule) -> None:
-        for node in gm.graph.nodes:
-            site = node.meta.get(META_KEY) if is_conv2d_call(node) else None
-            if site is not None and site.prunable:
-                w = conv_args(node)["weight"]
-                assert w.op == "call_module" and w.target == site.mask_target, \
-                    f"{node.name}: lowered prunable conv '{site.name}' lost its PatternMask"
+        if self.target == "torch":
+            assert_weights_masked(gm)
