@@ -36,10 +36,14 @@ class FilterKernelLayout:
     kernel_ptr: torch.Tensor      # (O+1,) CSR pointers of kept kernels per new position
     kernel_channel: torch.Tensor  # (K,) input channel of each kept kernel
     kernel_pattern: torch.Tensor  # (K,) library pattern id of each kept kernel
+    kernel_filter: torch.Tensor   # (K,) original filter (row of pattern_ids) of each kept kernel
     weight_index: torch.Tensor    # (K, k) flat index of each kept weight in weight.reshape(-1)
 
     @classmethod
-    def build(cls, library: torch.Tensor, pattern_ids: torch.Tensor) -> "FilterKernelLayout":
+    def build(cls, library: torch.Tensor, pattern_ids: torch.Tensor, transposed: bool = False) -> "FilterKernelLayout":
+        """Layout over the rows of ``pattern_ids``. With ``transposed`` the rows are the input
+        channels of a weight ``(O, C, 3, 3)`` whose ids are ``pattern_ids.T`` (the grad-input
+        view); ``weight_index`` then still indexes that ``(O, C, 3, 3)`` weight."""
         out_c, in_c = pattern_ids.shape
         n_patterns = library.shape[0]
         k = int(library[0].sum())
@@ -66,8 +70,16 @@ class FilterKernelLayout:
         kernel_ptr = torch.zeros(out_c + 1, dtype=torch.long)
         kernel_ptr[1:] = torch.cumsum(kept_sorted.sum(1), 0)
         positions = torch.stack([torch.nonzero(row).flatten() for row in library]) if n_patterns else torch.zeros(0, k, dtype=torch.long)
-        weight_index = ((kernel_filter * in_c + kernel_channel) * 9).unsqueeze(1) + positions[kernel_pattern]
-        return cls(out_c, in_c, k, perm, new_signatures, groups, kernel_ptr, kernel_channel, kernel_pattern, weight_index)
+        kernel_flat = kernel_channel * out_c + kernel_filter if transposed else kernel_filter * in_c + kernel_channel
+        weight_index = (kernel_flat * 9).unsqueeze(1) + positions[kernel_pattern]
+        return cls(out_c, in_c, k, perm, new_signatures, groups, kernel_ptr, kernel_channel, kernel_pattern,
+                   kernel_filter, weight_index)
+
+    def pattern_ptr(self) -> torch.Tensor:
+        """``(O, P+1)``: kept kernels of new row ``i`` with pattern ``p`` are ``[ptr[i, p], ptr[i, p+1])``."""
+        counts = torch.tensor(self.signatures, dtype=torch.long).reshape(self.out_channels, -1)
+        return torch.cat([torch.zeros(self.out_channels, 1, dtype=torch.long), counts.cumsum(1)], 1) \
+            + self.kernel_ptr[:-1].unsqueeze(1)
 
     @property
     def kept_kernels(self) -> int:
@@ -78,7 +90,8 @@ class FilterKernelLayout:
         return weight.reshape(-1)[self.weight_index]
 
     def expand(self, compact: torch.Tensor) -> torch.Tensor:
-        """The dense ``(O, C, 3, 3)`` weight holding ``compact`` and zeros elsewhere."""
+        """The dense ``(O, C, 3, 3)`` weight holding ``compact`` and zeros elsewhere
+        (non-transposed layouts only)."""
         dense = compact.new_zeros(self.out_channels * self.in_channels * 9)
         dense[self.weight_index.reshape(-1)] = compact.reshape(-1)
         return dense.view(self.out_channels, self.in_channels, 3, 3)

@@ -61,10 +61,15 @@ class PatternMask(nn.Module):
         self.pattern_ids.copy_(pattern_ids)
 
     # -- the mask --------------------------------------------------------------------------
+    def state_key(self) -> tuple:
+        """Changes whenever the library or the pattern ids change (in place or replaced):
+        the key of everything derived from them (mask, kernel index arrays)."""
+        return (self.library._version, self.pattern_ids._version, self.library.data_ptr(),
+                self.pattern_ids.data_ptr(), self.pattern_ids.device)
+
     def mask(self) -> torch.Tensor:
         """Bool mask ``(O, C, 3, 3)``; all ones while no pattern is assigned."""
-        key = (self.library._version, self.pattern_ids._version, self.library.data_ptr(),
-               self.pattern_ids.data_ptr(), self.pattern_ids.device)
+        key = self.state_key()
         if self._mask_cache is None or self._mask_cache[0] != key:
             if bool((self.pattern_ids == UNASSIGNED).any()):
                 mask = torch.ones(*self.pattern_ids.shape, 3, 3, dtype=torch.bool, device=self.pattern_ids.device)

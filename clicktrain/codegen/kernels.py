@@ -1,0 +1,187 @@
+"""Per-layer kernel plans and compiled kernels, and the runtime index arrays they read.
+
+``ConvGeometry`` is a prunable conv's shape facts; ``plan_kernels`` turns it plus the pattern
+library into three kernel specs (forward, grad-input, grad-weight) with padded extents and
+tile sizes; ``LayerKernels`` compiles them through the cache. ``LayerIndex`` holds the
+int32 arrays derived from the pattern ids (runs, channels, permutations) -- data, so a new
+pattern assignment needs no recompilation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..passes.reorder import FilterKernelLayout
+from ..patterns import pattern_offsets
+from .cache import compile_cached
+from .target import KernelTarget
+from .templates import (DirectConvSpec, GradWeightSpec, direct_conv_cuda, direct_conv_llvm, grad_weight_cuda,
+                        grad_weight_llvm)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _round_up(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    in_channels: int
+    out_channels: int
+    in_h: int
+    in_w: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @classmethod
+    def of(cls, weight_shape, input_hw, stride, padding, dilation) -> "ConvGeometry":
+        stride, dilation = _pair(stride), _pair(dilation)
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":
+            padding = (dilation[0], dilation[1])  # 3x3, stride 1: d on each side
+        return cls(int(weight_shape[1]), int(weight_shape[0]), int(input_hw[0]), int(input_hw[1]),
+                   stride, _pair(padding), dilation)
+
+    @property
+    def out_h(self) -> int:
+        return (self.in_h + 2 * self.padding[0] - 2 * self.dilation[0] - 1) // self.stride[0] + 1
+
+    @property
+    def out_w(self) -> int:
+        return (self.in_w + 2 * self.padding[1] - 2 * self.dilation[1] - 1) // self.stride[1] + 1
+
+    def tag(self) -> str:
+        return (f"c{self.in_channels}o{self.out_channels}h{self.in_h}w{self.in_w}s{self.stride[0]}x{self.stride[1]}"
+                f"p{self.padding[0]}x{self.padding[1]}d{self.dilation[0]}x{self.dilation[1]}")
+
+
+def choose_lanes(width: int, simd_lanes: int) -> int:
+    """Vector width along the output row: the widest (<= SIMD) that pads the row by <= 15%,
+    else the one that pads least -- a 28-wide row takes 16 lanes on AVX-512 (32, +14%)."""
+    options = [v for v in (16, 8, 4) if v <= simd_lanes] or [4]
+    for v in options:
+        if _round_up(width, v) <= 1.15 * width:
+            return v
+    return min(options, key=lambda v: (_round_up(width, v), -v))
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    geometry: ConvGeometry
+    forward: DirectConvSpec
+    grad_input: DirectConvSpec
+    grad_weight: GradWeightSpec
+    fwd_in: tuple[int, int]      # (rows, cols) the padded forward input must have
+    gi_in: tuple[int, int]       # (rows, cols) of the padded, upsampled dout
+
+    @property
+    def specs(self):
+        return (self.forward, self.grad_input, self.grad_weight)
+
+
+def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget, rows: int = 4) -> KernelPlan:
+    (sh, sw), (dh, dw) = geom.stride, geom.dilation
+    fwd_offsets = tuple(tuple((dy * dh, dx * dw) for dy, dx in pattern_offsets(p)) for p in library)
+    flipped = tuple(tuple(((2 - dy) * dh, (2 - dx) * dw) for dy, dx in pattern_offsets(p)) for p in library)
+    cuda = target.name == "cuda"
+    lanes_f = 1 if cuda else choose_lanes(geom.out_w, target.simd_lanes)
+    rows_f = 1 if cuda else rows
+    oh, ow = _round_up(geom.out_h, rows_f), _round_up(geom.out_w, lanes_f)
+    fwd_in = ((oh - 1) * sh + 2 * dh + 1, (ow - 1) * sw + 2 * dw + 1)
+    lanes_g = 1 if cuda else choose_lanes(geom.in_w, target.simd_lanes)
+    ih, iw = _round_up(geom.in_h, rows_f), _round_up(geom.in_w, lanes_g)
+    gi_in = (ih - 1 + 2 * dh + 1, iw - 1 + 2 * dw + 1)
+    tag = f"{geom.tag()}_{abs(hash(fwd_offsets)) % 10**8}"
+    forward = DirectConvSpec(f"ct_fwd_{tag}", geom.in_channels, geom.out_channels, fwd_in[0], fwd_in[1], oh, ow,
+                             geom.stride, fwd_offsets, rows_f, lanes_f, bias=True)
+    grad_input = DirectConvSpec(f"ct_dgrad_{tag}", geom.out_channels, geom.in_channels, gi_in[0], gi_in[1], ih, iw,
+                                (1, 1), flipped, rows_f, lanes_g, bias=False)
+    grad_weight = GradWeightSpec(f"ct_wgrad_{tag}", geom.in_channels, geom.out_channels, fwd_in[0], fwd_in[1],
+                                 geom.out_h, geom.out_h, ow, geom.stride, fwd_offsets, 1 if cuda else lanes_f)
+    return KernelPlan(geom, forward, grad_input, grad_weight, fwd_in, gi_in)
+
+
+def kernel_sources(plan: KernelPlan, target: KernelTarget) -> dict[str, str]:
+    direct, wgrad = (direct_conv_cuda, grad_weight_cuda) if target.name == "cuda" else (direct_conv_llvm, grad_weight_llvm)
+    return {plan.forward.name: direct(plan.forward), plan.grad_input.name: direct(plan.grad_input),
+            plan.grad_weight.name: wgrad(plan.grad_weight)}
+
+
+@dataclass
+class LayerKernels:
+    plan: KernelPlan
+    target: KernelTarget
+    sources: dict[str, str]
+    forward: object = None
+    grad_input: object = None
+    grad_weight: object = None
+    compile_seconds: float = 0.0
+    cache_hits: int = 0
+
+    @classmethod
+    def build(cls, geom: ConvGeometry, library: torch.Tensor, target: KernelTarget) -> "LayerKernels":
+        plan = plan_kernels(geom, library, target)
+        sources = kernel_sources(plan, target)
+        kernels = cls(plan, target, sources)
+        funcs = []
+        for spec in plan.specs:
+            module, seconds, hit = compile_cached(spec.name, sources[spec.name], target)
+            kernels.compile_seconds += seconds
+            kernels.cache_hits += int(hit)
+            funcs.append(module[spec.name])
+        kernels.forward, kernels.grad_input, kernels.grad_weight = funcs
+        return kernels
+
+
+@dataclass
+class LayerIndex:
+    """Runtime index arrays of one hardened layer, derived from its pattern ids."""
+
+    fwd_layout: FilterKernelLayout
+    bwd_layout: FilterKernelLayout
+    fwd_ptr: torch.Tensor
+    fwd_src: torch.Tensor
+    fwd_perm: torch.Tensor
+    bwd_ptr: torch.Tensor
+    bwd_src: torch.Tensor
+    bwd_perm: torch.Tensor
+    gw_filter: torch.Tensor
+    gw_channel: torch.Tensor
+    gw_dst: torch.Tensor
+    gw_pattern_ptr: torch.Tensor
+    zero_bias: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, library: torch.Tensor, pattern_ids: torch.Tensor, device) -> "LayerIndex":
+        fwd = FilterKernelLayout.build(library, pattern_ids)
+        bwd = FilterKernelLayout.build(library, pattern_ids.t(), transposed=True)
+        order = torch.sort(fwd.kernel_pattern, stable=True).indices  # pattern-major, for grad-weight
+        counts = torch.bincount(fwd.kernel_pattern, minlength=library.shape[0])
+        pattern_ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+
+        def i32(t):
+            return t.to(device=device, dtype=torch.int32).contiguous()
+        return cls(fwd, bwd, i32(fwd.pattern_ptr()), i32(fwd.kernel_channel), i32(fwd.perm),
+                   i32(bwd.pattern_ptr()), i32(bwd.kernel_channel), i32(bwd.perm),
+                   i32(fwd.kernel_filter[order]), i32(fwd.kernel_channel[order]), i32(order), i32(pattern_ptr))
+
+    def bias_zeros(self, channels: int, like: torch.Tensor) -> torch.Tensor:
+        key = (channels, like.device)
+        if key not in self.zero_bias:
+            self.zero_bias[key] = torch.zeros(channels, dtype=torch.float32, device=like.device)
+        return self.zero_bias[key]
+
+
+def flops_per_sample(geom: ConvGeometry, kept_weights: int) -> tuple[int, int]:
+    """(dense, pattern) multiply-adds x2 of one forward pass for one sample."""
+    pixels = geom.out_h * geom.out_w
+    return 2 * geom.out_channels * geom.in_channels * 9 * pixels, 2 * kept_weights * pixels
+
+

@@ -1,0 +1,229 @@
+"""TVMScript sources of the pattern-conv kernels, with each pattern's offsets as constants.
+
+Two kernel shapes cover forward, grad-input and grad-weight:
+
+``direct_conv`` -- for every output row ``f`` (a filter; for grad-input an input channel)
+and every library pattern ``p``, walk the run of kept kernels ``j`` in
+``[ptr[f, p], ptr[f, p + 1])``, reading source channel ``src[j]`` at the pattern's
+*constant* offsets. The python loop over patterns unrolls at generation time, so there is
+no per-weight branching and no offset table in the inner loop; dropped kernels are simply
+absent from the runs. The output tile is ``rows x lanes`` accumulators (vectorised along
+the output width on CPU; one thread per output pixel on CUDA).
+
+``grad_weight`` -- for every kept kernel ``j`` (grouped by pattern, again with constant
+offsets), reduce ``dout[b, f_j, y, x] * inp[b, c_j, y*s + oy, x*s + ox]`` over batch and
+space, straight into the compact ``(K, k)`` gradient.
+
+Generated source is kept in the debug dump; sizes not known until run time (batch, number
+of kept kernels) are symbolic, so one compiled kernel serves every batch size and every
+pattern assignment over the same library and layer geometry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Offsets = tuple[tuple[tuple[int, int], ...], ...]  # per pattern, per kept position: (dy, dx), dilation applied
+
+
+@dataclass(frozen=True)
+class DirectConvSpec:
+    name: str
+    src_channels: int   # channels of the input buffer
+    dst_channels: int   # output channels (rows of ptr)
+    in_h: int           # padded input extent
+    in_w: int
+    out_h: int          # padded output extent (multiple of rows)
+    out_w: int          # padded output extent (multiple of lanes)
+    stride: tuple[int, int]
+    offsets: Offsets
+    rows: int
+    lanes: int
+    bias: bool
+
+    @property
+    def k(self) -> int:
+        return len(self.offsets[0])
+
+
+@dataclass(frozen=True)
+class GradWeightSpec:
+    name: str
+    src_channels: int
+    dst_channels: int
+    in_h: int
+    in_w: int
+    true_out_h: int     # rows of dout that hold data (the rest is padding)
+    out_h: int
+    out_w: int          # padded; columns past the true width hold zeros
+    stride: tuple[int, int]
+    offsets: Offsets
+    lanes: int
+
+    @property
+    def k(self) -> int:
+        return len(self.offsets[0])
+
+
+def _header(name: str, params: list[str]) -> list[str]:
+    return ["@T.prim_func",
+            f"def {name}({', '.join(p + ': T.handle' for p in params)}):",
+            f'    T.func_attr({{"global_symbol": "{name}", "tir.noalias": True}})',
+            "    n = T.int32()",
+            "    kk = T.int32()"]
+
+
+def _direct_buffers(s: DirectConvSpec) -> list[str]:
+    P = len(s.offsets)
+    return [
+        f'    inp = T.match_buffer(inp_h, (n, {s.src_channels}, {s.in_h}, {s.in_w}), "float32")',
+        f'    w = T.match_buffer(w_h, (kk, {s.k}), "float32")',
+        f'    ptr = T.match_buffer(ptr_h, ({s.dst_channels}, {P + 1}), "int32")',
+        f'    src = T.match_buffer(src_h, (kk,), "int32")',
+        f'    perm = T.match_buffer(perm_h, ({s.dst_channels},), "int32")',
+        f'    bias = T.match_buffer(bias_h, ({s.dst_channels},), "float32")',
+        f'    out = T.match_buffer(out_h, (n, {s.dst_channels}, {s.out_h}, {s.out_w}), "float32")',
+    ]
+
+
+def _fma_chain(acc: str, s, p: int, b: str, y: str, x: str) -> str:
+    sh, sw = s.stride
+    terms = [f"w[j, {t}] * inp[{b}, src[j], ({y}) * {sh} + {dy}, ({x}) * {sw} + {dx}]"
+             for t, (dy, dx) in enumerate(s.offsets[p])]
+    return f"{acc} = {acc} + " + " + ".join(terms)
+
+
+def direct_conv_llvm(s: DirectConvSpec) -> str:
+    O, R, V = s.dst_channels, s.rows, s.lanes
+    lines = _header(s.name, ["inp_h", "w_h", "ptr_h", "src_h", "perm_h", "bias_h", "out_h"]) + _direct_buffers(s)
+    init = f"bias[perm[bf % {O}]]" if s.bias else "T.float32(0)"
+    lines += [
+        f"    for bf in T.parallel(n * {O}):",
+        f'        acc = T.alloc_buffer(({R}, {V}), "float32", scope="local")',
+        f"        for yt, xt in T.grid({s.out_h // R}, {s.out_w // V}):",
+        f"            for r in T.unroll({R}):",
+        f"                for v in T.vectorized({V}):",
+        f"                    acc[r, v] = {init}",
+    ]
+    for p in range(len(s.offsets)):
+        lines += [
+            f"            for j in range(ptr[bf % {O}, {p}], ptr[bf % {O}, {p + 1}]):",
+            f"                for r in T.unroll({R}):",
+            f"                    for v in T.vectorized({V}):",
+            "                        " + _fma_chain("acc[r, v]", s, p, f"bf // {O}", f"yt * {R} + r", f"xt * {V} + v"),
+        ]
+    lines += [
+        f"            for r in T.unroll({R}):",
+        f"                for v in T.vectorized({V}):",
+        f"                    out[bf // {O}, perm[bf % {O}], yt * {R} + r, xt * {V} + v] = acc[r, v]",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def direct_conv_cuda(s: DirectConvSpec) -> str:
+    """One block per (batch, output channel), one thread per output pixel of a tile; the
+    whole block walks the same runs, so there is no divergence."""
+    O = s.dst_channels
+    threads = min(256, s.out_h * s.out_w)
+    pixels = s.out_h * s.out_w
+    lines = _header(s.name, ["inp_h", "w_h", "ptr_h", "src_h", "perm_h", "bias_h", "out_h"]) + _direct_buffers(s)
+    init = f"bias[perm[bf % {O}]]" if s.bias else "T.float32(0)"
+    lines += [
+        f"    for bf in T.thread_binding(n * {O}, thread=\"blockIdx.x\"):",
+        f"        for tile in range({(pixels + threads - 1) // threads}):",
+        f"            for tx in T.thread_binding({threads}, thread=\"threadIdx.x\"):",
+        f'                acc = T.alloc_buffer((1,), "float32", scope="local")',
+        f"                if tile * {threads} + tx < {pixels}:",
+        f"                    acc[0] = {init}",
+    ]
+    y = f"(tile * {threads} + tx) // {s.out_w}"
+    x = f"(tile * {threads} + tx) % {s.out_w}"
+    for p in range(len(s.offsets)):
+        lines += [
+            f"                    for j in range(ptr[bf % {O}, {p}], ptr[bf % {O}, {p + 1}]):",
+            "                        " + _fma_chain("acc[0]", s, p, f"bf // {O}", y, x),
+        ]
+    lines += [f"                    out[bf // {O}, perm[bf % {O}], {y}, {x}] = acc[0]"]
+    return "\n".join(lines) + "\n"
+
+
+def _grad_weight_buffers(s: GradWeightSpec) -> list[str]:
+    P = len(s.offsets)
+    return [
+        f'    dout = T.match_buffer(dout_h, (n, {s.dst_channels}, {s.out_h}, {s.out_w}), "float32")',
+        f'    inp = T.match_buffer(inp_h, (n, {s.src_channels}, {s.in_h}, {s.in_w}), "float32")',
+        f'    kf = T.match_buffer(kf_h, (kk,), "int32")',
+        f'    kc = T.match_buffer(kc_h, (kk,), "int32")',
+        f'    dst = T.match_buffer(dst_h, (kk,), "int32")',
+        f'    pptr = T.match_buffer(pptr_h, ({P + 1},), "int32")',
+        f'    g = T.match_buffer(g_h, (kk, {s.k}), "float32")',
+    ]
+
+
+def _gw_term(s: GradWeightSpec, t: int, p: int, x: str) -> str:
+    dy, dx = s.offsets[p][t]
+    sh, sw = s.stride
+    return f"dout[b, kf[j], y, {x}] * inp[b, kc[j], y * {sh} + {dy}, ({x}) * {sw} + {dx}]"
+
+
+def grad_weight_llvm(s: GradWeightSpec) -> str:
+    V, k = s.lanes, s.k
+    lines = _header(s.name, ["dout_h", "inp_h", "kf_h", "kc_h", "dst_h", "pptr_h", "g_h"]) + _grad_weight_buffers(s)
+    for p in range(len(s.offsets)):
+        lines += [
+            f"    for j in T.parallel(pptr[{p}], pptr[{p + 1}]):",
+            f'        acc = T.alloc_buffer(({k}, {V}), "float32", scope="local")',
+            f"        for t in T.unroll({k}):",
+            f"            for v in T.vectorized({V}):",
+            "                acc[t, v] = T.float32(0)",
+            f"        for b, y, xt in T.grid(n, {s.true_out_h}, {s.out_w // V}):",
+        ]
+        for t in range(k):
+            lines += [f"            for v in T.vectorized({V}):",
+                      f"                acc[{t}, v] = acc[{t}, v] + " + _gw_term(s, t, p, f"xt * {V} + v")]
+        lines += [
+            f"        for t in T.unroll({k}):",
+            "            g[dst[j], t] = T.float32(0)",
+            f"            for v in range({V}):",
+            "                g[dst[j], t] = g[dst[j], t] + acc[t, v]",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def grad_weight_cuda(s: GradWeightSpec) -> str:
+    """One block per kept kernel; threads stride over batch x space, then a shared-memory tree sum."""
+    k, threads = s.k, 256
+    total = f"n * {s.true_out_h * s.out_w}"
+    lines = _header(s.name, ["dout_h", "inp_h", "kf_h", "kc_h", "dst_h", "pptr_h", "g_h"]) + _grad_weight_buffers(s)
+    for p in range(len(s.offsets)):
+        lines += [
+            f"    for jb in T.thread_binding(pptr[{p + 1}] - pptr[{p}], thread=\"blockIdx.x\"):",
+            f"        for tx in T.thread_binding({threads}, thread=\"threadIdx.x\"):",
+            f'            part = T.alloc_buffer(({k}, {threads}), "float32", scope="shared")',
+            f'            acc = T.alloc_buffer(({k},), "float32", scope="local")',
+            f"            j = pptr[{p}] + jb",
+            f"            for t in range({k}):",
+            "                acc[t] = T.float32(0)",
+            f"            for it in range(({total} + {threads - 1}) // {threads}):",
+            f"                if it * {threads} + tx < {total}:",
+            f"                    b = (it * {threads} + tx) // {s.true_out_h * s.out_w}",
+            f"                    y = (it * {threads} + tx) // {s.out_w} % {s.true_out_h}",
+            f"                    x = (it * {threads} + tx) % {s.out_w}",
+        ]
+        for t in range(k):
+            lines.append(f"                    acc[{t}] = acc[{t}] + " + _gw_term(s, t, p, "x"))
+        lines += [
+            f"            for t in range({k}):",
+            "                part[t, tx] = acc[t]",
+            "            T.tvm_storage_sync(\"shared\")",
+        ]
+        step = threads // 2
+        while step >= 1:
+            lines += [f"            if tx < {step}:",
+                      f"                for t in range({k}):",
+                      f"                    part[t, tx] = part[t, tx] + part[t, tx + {step}]",
+                      "            T.tvm_storage_sync(\"shared\")"]
+            step //= 2
+        lines += [f"            if tx < {k}:",
+                  "                g[dst[j], tx] = part[tx, 0]"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,157 @@
+"""The autograd bridge from a hardened prunable conv to its generated kernels.
+
+``PatternConv2d`` replaces ``torch.conv2d`` for a prunable conv when the target is llvm or
+cuda. It takes the (masked) dense weight, so optimizers and state_dict keep the dense
+parameter API: forward gathers the kept weights into the compact layout (``K x k`` values,
+a cheap gather), and grad-weight writes the compact gradient straight from the kernel,
+scattered back into a dense gradient whose pruned entries are exactly zero. Tensors cross
+to TVM through DLPack without copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import TargetError
+from .masks import PatternMask, Phase
+
+
+def _to_tvm(t: torch.Tensor, keep: list):
+    """DLPack view of ``t``; TVM rejects buffers not 64-byte aligned, so those are cloned
+    (``keep`` holds the clone alive for the call)."""
+    import tvm
+    t = t.contiguous()
+    if t.data_ptr() % 64:
+        t = t.clone()  # a fresh allocation is aligned
+    keep.append(t)
+    return tvm.runtime.from_dlpack(t)
+
+
+def _call(func, *tensors) -> None:
+    keep: list = []
+    func(*[_to_tvm(t, keep) for t in tensors])
+
+
+def _pad_to(x: torch.Tensor, top: int, left: int, rows: int, cols: int) -> torch.Tensor:
+    """Pad (or crop, where negative) so the result is ``rows x cols`` with ``x`` at (top, left)."""
+    h, w = x.shape[-2:]
+    return F.pad(x, (left, cols - w - left, top, rows - h - top)).contiguous()
+
+
+class LayerRunner:
+    """Compiled kernels + index arrays of one layer for one input size."""
+
+    def __init__(self, kernels, index):
+        self.kernels, self.index = kernels, index
+        self.geometry = kernels.plan.geometry
+
+    def forward(self, x, weight, bias):
+        g, plan, idx = self.geometry, self.kernels.plan, self.index
+        xpad = _pad_to(x.float(), g.padding[0], g.padding[1], *plan.fwd_in)
+        wc = weight.detach().reshape(-1)[idx.fwd_layout.weight_index.to(weight.device)].contiguous()
+        out = torch.empty(x.shape[0], g.out_channels, plan.forward.out_h, plan.forward.out_w, device=x.device)
+        b = bias.detach().float().contiguous() if bias is not None else idx.bias_zeros(g.out_channels, x)
+        _call(self.kernels.forward, xpad, wc, idx.fwd_ptr, idx.fwd_src, idx.fwd_perm, b, out)
+        if out.shape[2:] != (g.out_h, g.out_w):
+            out = out[:, :, :g.out_h, :g.out_w].contiguous()
+        return out, xpad
+
+    def grad_input(self, dout, weight):
+        g, plan, idx = self.geometry, self.kernels.plan, self.index
+        (sh, sw), (dh, dw) = g.stride, g.dilation
+        if (sh, sw) != (1, 1):  # zero-insertion turns the strided conv's gradient into a stride-1 one
+            up = dout.new_zeros(*dout.shape[:2], (g.out_h - 1) * sh + 1, (g.out_w - 1) * sw + 1)
+            up[:, :, ::sh, ::sw] = dout
+        else:
+            up = dout
+        upad = _pad_to(up, 2 * dh - g.padding[0], 2 * dw - g.padding[1], *plan.gi_in)
+        wt = weight.detach().reshape(-1)[idx.bwd_layout.weight_index.to(weight.device)].contiguous()
+        dx = torch.empty(dout.shape[0], g.in_channels, plan.grad_input.out_h, plan.grad_input.out_w, device=dout.device)
+        _call(self.kernels.grad_input, upad, wt, idx.bwd_ptr, idx.bwd_src, idx.bwd_perm,
+              idx.bias_zeros(g.in_channels, dout), dx)
+        if dx.shape[2:] != (g.in_h, g.in_w):
+            dx = dx[:, :, :g.in_h, :g.in_w].contiguous()
+        return dx
+
+    def grad_weight(self, dout, xpad, weight):
+        plan, idx = self.kernels.plan, self.index
+        dpad = F.pad(dout, (0, plan.grad_weight.out_w - dout.shape[-1])).contiguous()
+        k = plan.forward.k
+        compact = torch.empty(idx.fwd_layout.kept_kernels, k, device=dout.device)
+        _call(self.kernels.grad_weight, dpad, xpad, idx.gw_filter, idx.gw_channel, idx.gw_dst,
+              idx.gw_pattern_ptr, compact)
+        dense = torch.zeros(weight.numel(), device=weight.device, dtype=weight.dtype)
+        dense[idx.fwd_layout.weight_index.to(weight.device).reshape(-1)] = compact.reshape(-1).to(weight.dtype)
+        return dense.view_as(weight)
+
+
+class _PatternConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, runner):
+        out, xpad = runner.forward(x, weight, bias)
+        ctx.runner = runner
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(xpad, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        xpad, weight = ctx.saved_tensors
+        dout = dout.contiguous().float()
+        dx = ctx.runner.grad_input(dout, weight) if ctx.needs_input_grad[0] else None
+        dw = ctx.runner.grad_weight(dout, xpad, weight) if ctx.needs_input_grad[1] else None
+        db = dout.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
+
+
+class PatternConv2d(nn.Module):
+    """One prunable conv on a kernel target: generated kernels once hardened, a dense conv before."""
+
+    def __init__(self, site, mask: PatternMask, target: str):
+        super().__init__()
+        self.site_name = site.name
+        self.stride, self.padding, self.dilation = site.stride, site.padding, site.dilation
+        self.target = target
+        object.__setattr__(self, "_mask", mask)  # not a submodule: it lives in clicktrain_masks
+        self._kernels: dict = {}   # (H, W) -> LayerKernels
+        self._index = None         # (state key, device, LayerIndex)
+        self.compile_seconds = 0.0
+
+    def extra_repr(self) -> str:
+        return f"site={self.site_name!r}, target={self.target!r}"
+
+    def kernels_for(self, in_hw: tuple[int, int], weight_shape):
+        from ..codegen.kernels import ConvGeometry, LayerKernels
+        from ..codegen.target import resolve_target
+        key = tuple(in_hw)
+        if key not in self._kernels:
+            geom = ConvGeometry.of(weight_shape, in_hw, self.stride, self.padding, self.dilation)
+            kernels = LayerKernels.build(geom, self._mask.library.cpu(), resolve_target(self.target))
+            self.compile_seconds += kernels.compile_seconds
+            self._kernels[key] = kernels
+        return self._kernels[key]
+
+    def index_for(self, device):
+        from ..codegen.kernels import LayerIndex
+        key = (self._mask.state_key(), device)
+        if self._index is None or self._index[0] != key:
+            self._index = (key, LayerIndex.build(self._mask.library.cpu(), self._mask.pattern_ids.cpu(), device))
+        return self._index[1]
+
+    def forward(self, x, weight, bias=None):
+        if self._mask.phase is not Phase.HARD:
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+        if self.target == "cuda" and not x.is_cuda:
+            raise TargetError(
+                f"'{self.site_name}' was compiled for target='cuda', but its input is on {x.device}"
+                + ("" if torch.cuda.is_available() else " and no CUDA GPU is visible")
+                + ": move the model and data to a GPU, or compile with target='llvm' (CPU) or 'torch'")
+        if self.target == "llvm" and x.device.type != "cpu":
+            raise TargetError(f"'{self.site_name}' was compiled for target='llvm' (CPU), but its input is on "
+                              f"{x.device}: use target='cuda' for GPU tensors")
+        if x.dtype != torch.float32:
+            raise TargetError(f"'{self.site_name}': generated kernels are float32, got {x.dtype}")
+        runner = LayerRunner(self.kernels_for(tuple(x.shape[-2:]), weight.shape), self.index_for(x.device))
+        return _PatternConvFunction.apply(x, weight, bias, runner)
