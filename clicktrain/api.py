@@ -25,9 +25,8 @@ def _check_target(target: str) -> None:
     if target not in TARGETS:
         raise TargetError(f"unknown target {target!r}; choose one of {', '.join(map(repr, TARGETS))}")
     if target in ("llvm", "cuda"):
-        raise TargetError(
-            f"target={target!r} (TVM-generated pattern kernels) is not available in this version of "
-            f"clicktrain yet; use target='torch' (the masked dense reference), which trains the same model")
+        from .codegen.target import resolve_target
+        resolve_target(target)  # fails early, and clearly, if TVM cannot serve the target
 
 
 def compile_for_training(model: nn.Module, example_inputs, target: str = "torch",

@@ -159,7 +159,7 @@ def test_harden_pipeline_dumps_and_checks(tmp_path):
     assert names == ["000_trace.txt", "001_propagate_shapes.txt", "002_functionalize_convs.txt",
                      "003_find_prunable_convs.txt", "004_insert_pattern_masks.txt", "005_lower_to_target.txt",
                      "006_select_patterns.txt", "007_harden_masks.txt", "008_filter_kernel_reorder.txt",
-                     "009_lower_to_target.txt"]
+                     "009_generate_kernels.txt"]
     table = (tmp_path / "007_harden_masks.txt").read_text()
     assert "## pattern layers" in table and "HARD" in table and "9/12" in table and "12/16" in table  # 25% of kernels dropped
     reorder = (tmp_path / "008_filter_kernel_reorder.txt").read_text()

@@ -36,8 +36,12 @@ def cache_key(source: str, target_description: str) -> str:
     return h.hexdigest()[:32]
 
 
-def compile_cached(name: str, source: str, target) -> tuple[object, float, bool]:
-    """(runtime module, seconds spent compiling or loading, whether it was a cache hit)."""
+def compile_cached(name: str, source: str, target, load: bool = True) -> tuple[object, float, bool]:
+    """(runtime module, seconds spent compiling or loading, whether it was a cache hit).
+
+    With ``load=False`` (a cuda target on a machine without a GPU, whose runtime cannot load
+    CUDA modules) the kernel is compiled and the unloaded executable returned, so its source
+    can still be inspected and dumped."""
     import tvm
 
     key = cache_key(source, target.description)
@@ -45,7 +49,7 @@ def compile_cached(name: str, source: str, target) -> tuple[object, float, bool]
         return _loaded[key], 0.0, True
     path = cache_dir() / f"{name}-{key}.so"
     started = time.perf_counter()
-    if path.is_file():
+    if load and path.is_file():
         try:
             module = tvm.runtime.load_module(str(path))
             _loaded[key] = module
@@ -56,10 +60,20 @@ def compile_cached(name: str, source: str, target) -> tuple[object, float, bool]
         prim = tvm.script.from_source(source)
         executable = tvm.compile(prim, target=target.tvm_target)
     except Exception as exc:  # noqa: BLE001
+        failed = cache_dir() / "failed" / f"{name}.tir.py"
+        try:
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            failed.write_text(source)
+            where = f"its source is saved in {failed}"
+        except OSError:
+            where = "its source could not be saved"
+        lines = [line for line in str(exc).splitlines() if line.strip()]
         raise ClicktrainError(
             f"TVM failed to compile kernel {name} for {target.description}: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}. The kernel source is in the debug dump "
-            f"(compile_for_training(..., debug_dir=...)); please report it.", original=exc) from None
+            f"{lines[-1] if lines else ''}; {where}. Please report it; target='torch' runs the same "
+            f"model meanwhile.", original=exc) from None
+    if not load:
+        return executable, time.perf_counter() - started, False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: executable.export_library(tmp))

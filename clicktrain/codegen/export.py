@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import ClicktrainError
 from ..passes.base import compile_state
-from ..passes.conv_sites import META_KEY, is_conv2d_call
+from ..passes.conv_sites import META_KEY
 from ..passes.insert_masks import prunable_layers
 from ..runtime.masks import Phase
 from ..util import atomic_write
@@ -68,7 +68,8 @@ def decode_ids(text: str, shape) -> np.ndarray:
 
 
 def _conv_sites_in_order(gm: fx.GraphModule) -> list:
-    return [node.meta[META_KEY] for node in gm.graph.nodes if is_conv2d_call(node) and META_KEY in node.meta]
+    # conv2d calls, or the PatternConv2d calls they were lowered to (both carry the site)
+    return [node.meta[META_KEY] for node in gm.graph.nodes if META_KEY in node.meta]
 
 
 def pattern_metadata(gm: fx.GraphModule, onnx_convs: list) -> list[dict]:

@@ -99,7 +99,7 @@ def direct_conv_llvm(s: DirectConvSpec) -> str:
     init = f"bias[perm[bf % {O}]]" if s.bias else "T.float32(0)"
     lines += [
         f"    for bf in T.parallel(n * {O}):",
-        f'        acc = T.alloc_buffer(({R}, {V}), "float32", scope="local")',
+        f'        acc = T.alloc_buffer(({R}, {V}), "float32", scope="global")',
         f"        for yt, xt in T.grid({s.out_h // R}, {s.out_w // V}):",
         f"            for r in T.unroll({R}):",
         f"                for v in T.vectorized({V}):",
@@ -172,7 +172,7 @@ def grad_weight_llvm(s: GradWeightSpec) -> str:
     for p in range(len(s.offsets)):
         lines += [
             f"    for j in T.parallel(pptr[{p}], pptr[{p + 1}]):",
-            f'        acc = T.alloc_buffer(({k}, {V}), "float32", scope="local")',
+            f'        acc = T.alloc_buffer(({k}, {V}), "float32", scope="global")',
             f"        for t in T.unroll({k}):",
             f"            for v in T.vectorized({V}):",
             "                acc[t, v] = T.float32(0)",
@@ -191,39 +191,26 @@ def grad_weight_llvm(s: GradWeightSpec) -> str:
 
 
 def grad_weight_cuda(s: GradWeightSpec) -> str:
-    """One block per kept kernel; threads stride over batch x space, then a shared-memory tree sum."""
-    k, threads = s.k, 256
-    total = f"n * {s.true_out_h * s.out_w}"
+    """One thread per kept kernel, reducing over batch and space serially: no block-level
+    synchronisation, and thousands of kept kernels per layer give enough threads. Kernels are
+    pattern-major, so a warp almost always takes one pattern's branch; the grid depends on
+    shapes only (launch sizes are computed on the host) and is never empty."""
+    k, threads = s.k, 64
     lines = _header(s.name, ["dout_h", "inp_h", "kf_h", "kc_h", "dst_h", "pptr_h", "g_h"]) + _grad_weight_buffers(s)
+    lines += [
+        f"    for jb in T.thread_binding(T.max((kk + {threads - 1}) // {threads}, 1), thread=\"blockIdx.x\"):",
+        f"        for tx in T.thread_binding({threads}, thread=\"threadIdx.x\"):",
+        f'            acc = T.alloc_buffer(({k},), "float32", scope="local")',
+        f"            j = jb * {threads} + tx",
+    ]
     for p in range(len(s.offsets)):
         lines += [
-            f"    for jb in T.thread_binding(pptr[{p + 1}] - pptr[{p}], thread=\"blockIdx.x\"):",
-            f"        for tx in T.thread_binding({threads}, thread=\"threadIdx.x\"):",
-            f'            part = T.alloc_buffer(({k}, {threads}), "float32", scope="shared")',
-            f'            acc = T.alloc_buffer(({k},), "float32", scope="local")',
-            f"            j = pptr[{p}] + jb",
-            f"            for t in range({k}):",
-            "                acc[t] = T.float32(0)",
-            f"            for it in range(({total} + {threads - 1}) // {threads}):",
-            f"                if it * {threads} + tx < {total}:",
-            f"                    b = (it * {threads} + tx) // {s.true_out_h * s.out_w}",
-            f"                    y = (it * {threads} + tx) // {s.out_w} % {s.true_out_h}",
-            f"                    x = (it * {threads} + tx) % {s.out_w}",
+            f"            if pptr[{p}] <= j and j < pptr[{p + 1}]:",
+            f"                for t in range({k}):",
+            "                    acc[t] = T.float32(0)",
+            f"                for b, y, x in T.grid(n, {s.true_out_h}, {s.out_w}):",
         ]
-        for t in range(k):
-            lines.append(f"                    acc[{t}] = acc[{t}] + " + _gw_term(s, t, p, "x"))
-        lines += [
-            f"            for t in range({k}):",
-            "                part[t, tx] = acc[t]",
-            "            T.tvm_storage_sync(\"shared\")",
-        ]
-        step = threads // 2
-        while step >= 1:
-            lines += [f"            if tx < {step}:",
-                      f"                for t in range({k}):",
-                      f"                    part[t, tx] = part[t, tx] + part[t, tx + {step}]",
-                      "            T.tvm_storage_sync(\"shared\")"]
-            step //= 2
-        lines += [f"            if tx < {k}:",
-                  "                g[dst[j], tx] = part[tx, 0]"]
+        lines += [f"                    acc[{t}] = acc[{t}] + " + _gw_term(s, t, p, "x") for t in range(k)]
+        lines += [f"                for t in range({k}):",
+                  "                    g[dst[j], t] = acc[t]"]
     return "\n".join(lines) + "\n"

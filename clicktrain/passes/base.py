@@ -52,6 +52,10 @@ class ClicktrainPass(PassBase):
     def describe(self, gm: fx.GraphModule) -> str:
         return ""
 
+    def dump_files(self, gm: fx.GraphModule) -> dict[str, str]:
+        """Extra files for the dump (suffix -> text), e.g. generated kernel sources."""
+        return {}
+
 
 class PassManager:
     """Runs a named list of passes in order, checking conditions and dumping after each."""
@@ -68,6 +72,6 @@ class PassManager:
                 gm = result.graph_module
                 modified |= result.modified
             if self.dump is not None:
-                self.dump.write(p.name, gm, p.describe(gm),
-                                modified=bool(result is not None and result.modified))
+                self.dump.write(p.name, gm, p.describe(gm), modified=bool(result is not None and result.modified),
+                                extra_files=p.dump_files(gm))
         return PassResult(gm, modified)

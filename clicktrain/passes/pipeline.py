@@ -7,7 +7,7 @@ from .find_prunable import FindPrunableConvs
 from .functionalize import FunctionalizeConvs
 from .harden import HardenMasks
 from .insert_masks import InsertPatternMasks
-from .lower import LowerToTarget
+from .lower import GenerateKernels, LowerToTarget
 from .propagate_shapes import PropagateShapes
 from .reorder import FilterKernelReorder
 
@@ -28,5 +28,5 @@ def harden_pipeline(state: CompileState) -> list:
     return [
         HardenMasks(),
         FilterKernelReorder(),
-        LowerToTarget(state.target),
+        GenerateKernels(state.target),
     ]

@@ -122,6 +122,12 @@ class PatternConv2d(nn.Module):
     def extra_repr(self) -> str:
         return f"site={self.site_name!r}, target={self.target!r}"
 
+    def __getstate__(self):
+        # compiled kernels and index arrays are caches: copies and pickles rebuild them lazily
+        state = dict(self.__dict__)
+        state["_kernels"], state["_index"] = {}, None
+        return state
+
     def kernels_for(self, in_hw: tuple[int, int], weight_shape):
         from ..codegen.kernels import ConvGeometry, LayerKernels
         from ..codegen.target import resolve_target

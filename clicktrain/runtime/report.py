@@ -66,6 +66,9 @@ class PruningReport:
         text = format_table(["conv", "weight", "treatment", "phase", "kept kernels", "patterns", "density", "CR"], rows)
         if self.library:
             text += "\npattern library: " + "  ".join(f"{i}:{p}" for i, p in enumerate(self.library))
+        if self.compile_seconds:
+            text += (f"\nkernel compile: {sum(self.compile_seconds.values()):.2f} s for {len(self.compile_seconds)} "
+                     f"layers (0 s = loaded from the cache)")
         return text
 
 

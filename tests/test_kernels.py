@@ -1,0 +1,200 @@
+"""Generated pattern-conv kernels (llvm): numerics against a masked dense conv, whole models
+against the torch reference, training, the compile cache, and cuda generation."""
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clicktrain as ct
+from clicktrain.codegen import cache as kernel_cache
+from clicktrain.passes.conv_sites import ConvSite
+from clicktrain.passes.insert_masks import prunable_layers
+from clicktrain.runtime.masks import PatternMask, Phase
+from clicktrain.runtime.pattern_conv import PatternConv2d
+from clicktrain.runtime.selection import assign_patterns, generate_library
+
+from test_zoo import assert_pattern_invariant
+
+
+def hardened_conv(out_c, in_c, stride, padding, dilation, connectivity, seed=0, k=4, n_patterns=8):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_c, in_c, 3, 3, generator=g)
+    library = generate_library({"w": weight ** 2}, k, n_patterns)
+    mask = PatternMask("w", out_c, in_c, k, n_patterns)
+    mask.assign(library, assign_patterns(weight ** 2, library, connectivity))
+    mask.phase = Phase.HARD
+    site = ConvSite("w", "w.weight", (out_c, in_c, 3, 3), stride, padding, dilation, 1, None, None)
+    return PatternConv2d(site, mask, "llvm"), (weight * mask.mask()), mask
+
+
+def rel_err(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+GRID = [
+    # batch, in_c, out_c, h, w, stride, padding, dilation, connectivity, bias
+    (2, 8, 16, 12, 12, 1, 1, 1, 0.0, True),
+    (1, 5, 7, 13, 11, 2, 1, 1, 0.3, True),      # batch 1, odd sizes and channels, stride 2
+    (3, 16, 8, 9, 10, 1, 2, 2, 0.5, False),     # dilation 2, half the kernels dropped
+    (2, 4, 4, 7, 7, (2, 1), (0, 1), (1, 2), 0.25, True),  # per-axis stride/padding/dilation
+    (2, 17, 24, 28, 28, 1, 1, 1, 0.0, False),   # 28-wide rows, 17 channels
+    (2, 12, 10, 6, 5, 1, 0, 1, 0.9, True),      # no padding, almost everything dropped
+    (4, 32, 32, 7, 7, 1, 1, 1, 0.5, True),      # narrow maps
+]
+
+
+@pytest.mark.parametrize("case", GRID, ids=[f"n{c[0]}c{c[1]}o{c[2]}_{c[3]}x{c[4]}_s{c[5]}p{c[6]}d{c[7]}_c{c[8]}" for c in GRID])
+def test_forward_and_gradients_match_masked_dense_conv(case):
+    n, c, o, h, w, stride, padding, dilation, connectivity, with_bias = case
+    conv, masked_w, mask = hardened_conv(o, c, stride, padding, dilation, connectivity)
+    x = torch.randn(n, c, h, w, requires_grad=True)
+    weight = masked_w.clone().requires_grad_(True)
+    bias = torch.randn(o, requires_grad=True) if with_bias else None
+    y = conv(x, weight, bias)
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_ref = masked_w.clone().requires_grad_(True)
+    b_ref = bias.detach().clone().requires_grad_(True) if with_bias else None
+    y_ref = F.conv2d(x_ref, w_ref, b_ref, stride, padding, dilation)
+    assert y.shape == y_ref.shape
+    assert rel_err(y, y_ref) < 1e-4
+    grad = torch.randn_like(y_ref)
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert rel_err(x.grad, x_ref.grad) < 1e-4
+    kept = mask.mask()
+    assert rel_err(weight.grad[kept], w_ref.grad[kept]) < 1e-4
+    assert float(weight.grad[~kept].abs().sum()) == 0.0  # only kept weights get gradients
+    if with_bias:
+        assert rel_err(bias.grad, b_ref.grad) < 1e-4
+
+
+def compiled_pair(name, connectivity=0.3):
+    from zoo import zoo
+    factory, x = zoo()[name]
+    torch.manual_seed(0)
+    model = factory()
+    pair = {}
+    for target in ("torch", "llvm"):
+        m = ct.compile_for_training(copy.deepcopy(model), x, target=target, config=ct.PruneConfig(connectivity=connectivity))
+        ct.select_patterns(m)
+        ct.harden(m)
+        pair[target] = m
+    return pair, x
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet", "mixed"])
+def test_whole_model_loss_and_gradients_equal_torch_reference(name):
+    pair, x = compiled_pair(name)
+    results = {}
+    for target, m in pair.items():
+        loss = m(x).square().mean()
+        loss.backward()
+        results[target] = (loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    (loss_t, grads_t), (loss_l, grads_l) = results["torch"], results["llvm"]
+    assert rel_err(loss_l, loss_t) < 1e-4
+    assert grads_t.keys() == grads_l.keys()
+    for key in grads_t:
+        assert rel_err(grads_l[key], grads_t[key]) < 1e-4, key
+    assert any("clicktrain_kernels" in n for n, _ in pair["llvm"].named_modules())
+
+
+def test_training_on_llvm_learns_and_keeps_patterns():
+    torch.manual_seed(0)
+    pair, _ = compiled_pair("vgg", connectivity=0.5)
+    m = pair["llvm"]
+    x = torch.randn(16, 3, 15, 15)
+    y = (x.mean((1, 2, 3)) > 0).long()  # a learnable rule
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        loss = F.cross_entropy(m(x)[:, :2], y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        assert_pattern_invariant(m)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_state_dict_round_trip_on_llvm():
+    pair, x = compiled_pair("resnet")
+    m = pair["llvm"].eval()
+    expected = m(x)
+    fresh, _ = compiled_pair("resnet")
+    f = fresh["llvm"].eval()
+    with torch.no_grad():
+        for layer in prunable_layers(f):  # scramble, so only load_state_dict can restore it
+            layer.mask.pattern_ids.fill_(-1)
+    f.load_state_dict(m.state_dict())
+    torch.testing.assert_close(f(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_cache_reuses_kernels(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLICKTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernel_cache, "_loaded", {})
+    conv, masked_w, mask = hardened_conv(8, 8, 1, 1, 1, 0.0, seed=3)
+    x = torch.randn(2, 8, 9, 9)
+    conv(x, masked_w, None)
+    assert conv.compile_seconds > 0 and len(list(tmp_path.glob("*.so"))) == 3
+    # a fresh process would load from disk: simulate by forgetting the in-memory modules
+    monkeypatch.setattr(kernel_cache, "_loaded", {})
+    again, _, _ = hardened_conv(8, 8, 1, 1, 1, 0.0, seed=3)
+    kernels = again.kernels_for((9, 9), (8, 8, 3, 3))
+    assert kernels.cache_hits == 3 and len(list(tmp_path.glob("*.so"))) == 3
+    # new pattern ids over the same library: no new kernel, just new index arrays
+    mask.assign(mask.library, torch.where(mask.pattern_ids == 0, torch.full_like(mask.pattern_ids, -1), mask.pattern_ids))
+    torch.testing.assert_close(conv(x, masked_w * mask.mask(), None), F.conv2d(x, masked_w * mask.mask(), None, 1, 1),
+                               rtol=1e-4, atol=1e-4)
+    assert len(list(tmp_path.glob("*.so"))) == 3
+    # a different library is a different kernel
+    other, _, _ = hardened_conv(8, 8, 1, 1, 1, 0.0, seed=4, n_patterns=6)
+    other.kernels_for((9, 9), (8, 8, 3, 3))
+    assert len(list(tmp_path.glob("*.so"))) == 6
+
+
+def test_report_and_dump_show_generated_kernels(tmp_path):
+    from zoo import BranchNet
+    m = ct.compile_for_training(BranchNet(), torch.randn(2, 3, 10, 10), target="llvm", debug_dir=tmp_path)
+    ct.select_patterns(m)
+    ct.harden(m)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "009_generate_kernels.txt" in names
+    tir = [n for n in names if n.endswith(".tir.py")]
+    assert len(tir) == 9  # three prunable convs x (forward, grad-input, grad-weight)
+    assert "T.prim_func" in (tmp_path / tir[0]).read_text()
+    report = ct.pruning_report(m)
+    assert set(report.compile_seconds) == {"left", "right", "merge"}
+    assert "kernel compile" in str(report)
+
+
+def test_export_of_an_llvm_model(tmp_path):
+    pair, x = compiled_pair("vgg")
+    m = pair["llvm"].eval()
+    path = ct.export_onnx(m, tmp_path / "m.onnx", x)
+    assert path.exists()
+
+
+def test_wrong_device_and_dtype_are_clear_errors():
+    pair, x = compiled_pair("vgg")
+    with pytest.raises(ct.TargetError, match="float32"):
+        pair["llvm"].double()(x.double())
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_cuda_kernels_generate_and_compile_without_a_gpu(tmp_path):
+    from zoo import BranchNet
+    x = torch.randn(2, 3, 10, 10)
+    m = ct.compile_for_training(BranchNet(), x, target="cuda", debug_dir=tmp_path)
+    ct.select_patterns(m)
+    ct.harden(m)
+    cu = sorted(tmp_path.glob("*.cu"))
+    assert len(cu) == 9
+    assert "__global__" in cu[0].read_text()
+    if not torch.cuda.is_available():
+        with pytest.raises(ct.TargetError, match="no CUDA GPU is visible"):
+            m(x)
