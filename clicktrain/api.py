@@ -18,7 +18,7 @@ from .passes.insert_masks import prunable_layers
 from .passes.lower import TARGETS
 from .passes.pipeline import compile_pipeline, harden_pipeline
 from .runtime.masks import Phase
-from .runtime.selection import assign_patterns, generate_library
+from .runtime.selection import LIBRARIES, assign_patterns, generate_library
 
 
 def _check_target(target: str) -> None:
@@ -58,13 +58,16 @@ def compile_for_training(model: nn.Module, example_inputs, target: str = "torch"
 
 
 def select_patterns(model: fx.GraphModule, importance: Mapping[str, torch.Tensor] | None = None,
-                    library: torch.Tensor | None = None) -> torch.Tensor:
+                    library: torch.Tensor | None = None, library_strategy: str = "generated",
+                    connectivity: float | Mapping[str, float] | None = None) -> torch.Tensor:
     """Choose the pattern library and, per kernel, its pattern; drop the least important
     kernels (``config.connectivity``). Masks are not applied until :func:`harden`.
 
     ``importance`` maps conv names to per-weight importance ``(O, C, 3, 3)``; missing layers
     (and the default) use weight magnitude ``W**2``. ``library`` fixes the library as a
-    ``(num_patterns, 9)`` bool tensor instead of generating it. Returns the library.
+    ``(num_patterns, 9)`` bool tensor; otherwise ``library_strategy`` (``generated``,
+    ``frequency`` or ``fixed``) makes one. ``connectivity`` overrides the config's drop ratio,
+    for all layers or per layer name. Returns the library.
     """
     state = compile_state(model)
     layers = prunable_layers(model)
@@ -81,14 +84,21 @@ def select_patterns(model: fx.GraphModule, importance: Mapping[str, torch.Tensor
     scores = {layer.site.name: importance.get(layer.site.name, layer.weight.detach() ** 2) for layer in layers}
     cfg = state.config
     if library is None:
-        library = generate_library(scores, cfg.pattern_nnz, cfg.num_patterns)
+        if library_strategy not in LIBRARIES:
+            raise ConfigError(f"library_strategy={library_strategy!r}; choose one of {LIBRARIES}")
+        library = generate_library(scores, cfg.pattern_nnz, cfg.num_patterns, library_strategy)
     else:
         library = torch.as_tensor(library, dtype=torch.bool).reshape(-1, 9)
         if library.shape[0] != cfg.num_patterns or not bool((library.sum(1) == cfg.pattern_nnz).all()):
             raise ConfigError(f"library must hold {cfg.num_patterns} patterns of {cfg.pattern_nnz} weights, "
                               f"got shape {tuple(library.shape)} with sizes {library.sum(1).tolist()}")
+    ratios = connectivity if isinstance(connectivity, Mapping) else {}
+    default = cfg.connectivity if connectivity is None or isinstance(connectivity, Mapping) else float(connectivity)
+    for name, ratio in ratios.items():
+        if not 0 <= ratio < 1:
+            raise ConfigError(f"connectivity for '{name}' must be in [0, 1), got {ratio}")
     for layer in layers:
-        ids = assign_patterns(scores[layer.site.name], library, cfg.connectivity)
+        ids = assign_patterns(scores[layer.site.name], library, ratios.get(layer.site.name, default))
         layer.mask.assign(library, ids.to(layer.mask.pattern_ids.device))
         layer.mask.phase = Phase.SELECTED
     if state.dump is not None:

@@ -84,3 +84,91 @@ def normalize(x: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tens
         mean = x.mean(dim=(0, 2, 3), keepdim=True)
         std = x.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-6)
     return (x - mean) / std, mean, std
+
+
+# -- CIFAR-10 (python pickles) and image-folder trees ---------------------------------------
+def load_cifar10(directory: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CIFAR-10's python format: ``data_batch_1..5`` and ``test_batch`` (pickled dicts with
+    ``data`` uint8 (N, 3072) and ``labels``), as extracted from cifar-10-python.tar.gz."""
+    import pickle
+
+    directory = Path(directory)
+
+    def load(name):
+        path = directory / name
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        except FileNotFoundError:
+            raise DataError(f"CIFAR-10 directory {directory} has no {name}; expected data_batch_1..5 and "
+                            f"test_batch from cifar-10-python.tar.gz") from None
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"{path} is not a CIFAR-10 python batch ({type(exc).__name__}: {exc})", original=exc) from None
+        if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
+            raise DataError(f"{path}: expected data (N, 3072) and N labels, got {data.shape} and {labels.shape}")
+        return torch.from_numpy(data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0), torch.from_numpy(labels)
+
+    train = [load(f"data_batch_{i}") for i in range(1, 6)]
+    x_test, y_test = load("test_batch")
+    return torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train]), x_test, y_test
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def load_image_folder(directory: str | os.PathLike):
+    """``DIR/train/<class>/*.png`` and ``DIR/test/<class>/*.png`` (any PIL format); class ids
+    follow the sorted class names of ``train``; every image is resized to the first one's size
+    and loaded grey if the first is grey, else RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    directory = Path(directory)
+    classes = sorted(p.name for p in (directory / "train").iterdir() if p.is_dir()) if (directory / "train").is_dir() else []
+    if not classes:
+        raise DataError(f"{directory} is not an image-folder tree: expected {directory}/train/<class>/<image> "
+                        f"and {directory}/test/<class>/<image>")
+    mode, size = None, None
+
+    def split(name):
+        nonlocal mode, size
+        xs, ys = [], []
+        for label, cls in enumerate(classes):
+            folder = directory / name / cls
+            files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+            for f in files:
+                try:
+                    with Image.open(f) as img:
+                        if mode is None:
+                            mode, size = ("L" if img.mode in ("L", "1", "I;16", "I") else "RGB"), img.size
+                        arr = np.asarray(img.convert(mode).resize(size), dtype=np.float32) / 255.0
+                except (UnidentifiedImageError, OSError) as exc:
+                    raise DataError(f"cannot read image {f}: {exc}", original=exc) from None
+                xs.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+                ys.append(label)
+        if not xs:
+            raise DataError(f"{directory / name} holds no images of {IMAGE_SUFFIXES} in class folders {classes}")
+        return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long)
+
+    x_train, y_train = split("train")
+    x_test, y_test = split("test")
+    return x_train, y_train, x_test, y_test
+
+
+def load_dataset(directory: str | os.PathLike):
+    """Detect the format of ``directory`` (IDX, CIFAR-10 python, image folder) and load it as
+    ``(x_train, y_train, x_test, y_test, format_name)`` with images as float in [0, 1]."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"data directory {directory} does not exist. Install Fashion-MNIST with "
+                        f"`apt-get install dataset-fashion-mnist` (files in {DEFAULT_FASHION_MNIST}) or pass --data DIR.")
+    if any(directory.glob("train-images-idx3-ubyte*")) or any(directory.glob("train-images.idx3-ubyte*")):
+        return (*load_idx_split(directory, "train"), *load_idx_split(directory, "test"), "idx")
+    if (directory / "data_batch_1").exists():
+        return (*load_cifar10(directory), "cifar10")
+    if (directory / "train").is_dir():
+        return (*load_image_folder(directory), "image-folder")
+    raise DataError(f"{directory}: no known data set format. Expected Fashion-MNIST/MNIST IDX files "
+                    f"(train-images-idx3-ubyte.gz, ...), CIFAR-10 python batches (data_batch_1..5, test_batch), "
+                    f"or an image-folder tree (train/<class>/*, test/<class>/*).")

@@ -80,3 +80,33 @@ def greedy_library(scores: torch.Tensor, num_patterns: int) -> torch.Tensor:
         chosen.append(pick)
         best = torch.maximum(best, scores[:, pick])
     return torch.tensor(chosen, dtype=torch.long)
+
+
+@lru_cache(maxsize=None)
+def fixed_library(k: int, size: int = 12) -> torch.Tensor:
+    """A fixed, hand-style library in the spirit of PatDNN/ClickTrain: patterns that keep the
+    centre weight and are most compact around it (score: sum over kept positions of
+    exp(-d^2/2), d the distance to the centre), then the most orthogonally adjacent pairs,
+    then lexicographic. For k=4: the four T-shapes, the four 2x2 squares around the centre,
+    then four L-shapes."""
+    candidates = candidate_patterns(k)
+    with_centre = candidates[candidates[:, 4]]
+    if with_centre.shape[0] < size:
+        raise ValueError(f"only {with_centre.shape[0]} patterns of {k} weights keep the centre; asked for {size}")
+    ys, xs = torch.meshgrid(torch.arange(3), torch.arange(3), indexing="ij")
+    closeness = torch.exp(-(((ys - 1) ** 2 + (xs - 1) ** 2).flatten().double()) / 2)
+    scores = (with_centre.double() * closeness).sum(1)
+    grid = with_centre.view(-1, 3, 3)
+    adjacent = (grid[:, 1:, :] & grid[:, :-1, :]).sum((1, 2)) + (grid[:, :, 1:] & grid[:, :, :-1]).sum((1, 2))
+    order = sorted(range(with_centre.shape[0]), key=lambda i: (-round(float(scores[i]), 9), -int(adjacent[i]), i))
+    return with_centre[order[:size]]
+
+
+def top_k_patterns(importance: torch.Tensor, k: int) -> torch.Tensor:
+    """Per kernel, the pattern of its ``k`` most important positions, as candidate indices."""
+    top = torch.topk(importance.reshape(-1, KERNEL_POSITIONS).double(), k, dim=1).indices
+    codes = (1 << top).sum(1)  # a 9-bit code per kernel
+    cand_codes = (candidate_patterns(k).long() * (1 << torch.arange(KERNEL_POSITIONS))).sum(1)
+    lookup = torch.full((1 << KERNEL_POSITIONS,), -1, dtype=torch.long)
+    lookup[cand_codes] = torch.arange(cand_codes.numel())
+    return lookup[codes]

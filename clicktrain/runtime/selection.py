@@ -3,6 +3,12 @@
 Importance is a non-negative score per weight, ``(O, C, 3, 3)`` per layer: ``W**2``
 (magnitude) by default, or ``(W * dL/dW)**2`` accumulated during training (the
 ClickTrain estimator). A pattern's score for a kernel is the importance it keeps.
+
+Library strategies (``LIBRARIES``):
+- ``generated``: the ``num_patterns`` patterns out of all C(9,k) that keep the most
+  importance over the whole model, each kernel taking its best (dynamic pattern generation);
+- ``frequency``: the ``num_patterns`` most frequent per-kernel top-k patterns;
+- ``fixed``: a fixed library that ignores the data (``patterns.fixed_library``).
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from typing import Mapping
 
 import torch
 
-from ..patterns import DROPPED, candidate_patterns, greedy_library, pattern_scores
+from ..patterns import DROPPED, candidate_patterns, fixed_library, greedy_library, pattern_scores, top_k_patterns
+
+LIBRARIES = ("generated", "frequency", "fixed")
 
 # Library generation looks at a deterministic, evenly strided sample of at most this many
 # kernels per layer (weighted back to the layer's size): the choice is a statistic of the
@@ -27,19 +35,30 @@ def _normalised(importance: torch.Tensor) -> torch.Tensor:
     return flat / mean if float(mean) > 0 else flat
 
 
-def generate_library(importances: Mapping[str, torch.Tensor], pattern_nnz: int, num_patterns: int) -> torch.Tensor:
-    """The ``num_patterns`` patterns of ``pattern_nnz`` weights that keep the most
-    (normalised) importance over all layers, each kernel taking its best pattern."""
-    candidates = candidate_patterns(pattern_nnz)
-    rows, weights = [], []
+def _samples(importances: Mapping[str, torch.Tensor]):
     for imp in importances.values():
         flat = _normalised(imp)
         step = max(1, -(-flat.shape[0] // LIBRARY_SAMPLE_PER_LAYER))
         sample = flat[::step]
-        rows.append(sample)
-        weights.append(torch.full((sample.shape[0],), flat.shape[0] / sample.shape[0], dtype=torch.float64))
-    scores = pattern_scores(torch.cat(rows), candidates) * torch.cat(weights).unsqueeze(1)
-    chosen = greedy_library(scores, num_patterns)
+        yield sample, torch.full((sample.shape[0],), flat.shape[0] / sample.shape[0], dtype=torch.float64)
+
+
+def generate_library(importances: Mapping[str, torch.Tensor], pattern_nnz: int, num_patterns: int,
+                     strategy: str = "generated") -> torch.Tensor:
+    """A ``(num_patterns, 9)`` bool library chosen by ``strategy`` (see module docstring)."""
+    candidates = candidate_patterns(pattern_nnz)
+    if strategy == "fixed":
+        return fixed_library(pattern_nnz, num_patterns)
+    rows, weights = zip(*_samples(importances))
+    rows, weights = torch.cat(rows), torch.cat(weights)
+    if strategy == "frequency":
+        counts = torch.zeros(candidates.shape[0], dtype=torch.float64)
+        counts.index_add_(0, top_k_patterns(rows, pattern_nnz), weights)
+        order = sorted(range(candidates.shape[0]), key=lambda i: (-float(counts[i]), i))
+        return candidates[order[:num_patterns]]
+    if strategy != "generated":
+        raise ValueError(f"unknown library strategy {strategy!r}; choose one of {LIBRARIES}")
+    chosen = greedy_library(pattern_scores(rows, candidates) * weights.unsqueeze(1), num_patterns)
     return candidates[chosen]
 
 
@@ -54,3 +73,26 @@ def assign_patterns(importance: torch.Tensor, library: torch.Tensor, connectivit
         order = torch.sort(best_score, stable=True).indices
         ids[order[:n_drop]] = DROPPED
     return ids.view(out_c, in_c).to(torch.int16)
+
+
+def retained_fraction(importance: torch.Tensor, library: torch.Tensor, pattern_ids: torch.Tensor) -> float:
+    """Share of a layer's total importance that its assignment keeps."""
+    from ..patterns import kernel_masks
+    imp = importance.detach().double()
+    kept = (imp * kernel_masks(library, pattern_ids.long())).sum()
+    total = imp.sum()
+    return float(kept / total) if float(total) > 0 else 1.0
+
+
+def ramped_connectivity(target: float, layer_kernels: list[int]) -> list[float]:
+    """Per-layer drop ratios rising linearly with depth (half the target at the first prunable
+    layer, 1.5x at the last, capped at 0.95), scaled so the kernel-weighted mean equals
+    ``target``: deep layers are wider and more redundant."""
+    n = len(layer_kernels)
+    if n <= 1 or target == 0:
+        return [target] * n
+    raw = [0.5 + i / (n - 1) for i in range(n)]
+    total = sum(layer_kernels)
+    scale = target * total / sum(r * k for r, k in zip(raw, layer_kernels))
+    ratios = [min(0.95, r * scale) for r in raw]
+    return ratios

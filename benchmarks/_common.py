@@ -1,0 +1,32 @@
+"""Shared benchmark set-up: threads, machine line, timing."""
+
+from __future__ import annotations
+
+import os
+
+# torch's OpenMP workers spin after each parallel region and would steal the cores from
+# TVM's thread pool between kernels; passive waiting must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+
+def median_seconds(fn, repeats: int = 7, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def header(threads: int) -> str:
+    import torch
+    import tvm
+
+    from clicktrain.machine import cpu_description
+    return (f"CPU: {cpu_description()} | threads: torch {torch.get_num_threads()}, TVM {threads} | "
+            f"torch {torch.__version__}, TVM {tvm.__version__} | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")

@@ -1,0 +1,95 @@
+"""Generated pattern-conv kernels vs torch's dense conv (oneDNN), per conv layer.
+
+For every prunable conv of VGG-11 and ResNet-20 on 28x28 and 32x32 inputs: forward,
+grad-input and grad-weight time of the generated kernels against torch's dense
+``conv2d`` / ``convolution_backward`` on the same shapes and threads, at 4/9 density and at
+4/9 with half the kernels dropped. Ratios are dense time / generated time, measured in this
+run on this machine; the summary is the median over layers.
+
+    .venv/bin/python benchmarks/kernels.py [--batch 64] [--models vgg11 resnet20] [--sizes 28 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import header, median_seconds  # noqa: E402
+
+import torch  # noqa: E402
+
+import clicktrain as ct  # noqa: E402
+from clicktrain.machine import set_threads  # noqa: E402
+from clicktrain.models import build_model  # noqa: E402
+from clicktrain.runtime.pattern_conv import LayerRunner, PatternConv2d  # noqa: E402
+
+
+def dense_times(x, w, stride, padding, dilation, dout, repeats):
+    conv = lambda: torch.nn.functional.conv2d(x, w, None, stride, padding, dilation)  # noqa: E731
+    bwd = lambda mask: torch.ops.aten.convolution_backward(  # noqa: E731
+        dout, x, w, None, list(stride), list(padding), list(dilation), False, [0, 0], 1, mask)
+    return (median_seconds(conv, repeats), median_seconds(lambda: bwd([True, False, False]), repeats),
+            median_seconds(lambda: bwd([False, True, False]), repeats))
+
+
+def layer_rows(model_name, size, batch, connectivity, repeats):
+    torch.manual_seed(0)
+    model = build_model(model_name, in_channels=3, num_classes=10)
+    x = torch.randn(2, 3, size, size)
+    m = ct.compile_for_training(model, x, target="llvm", config=ct.PruneConfig(connectivity=connectivity))
+    ct.select_patterns(m)
+    ct.harden(m)
+    state = m._clicktrain
+    rows = []
+    for name, module in m.named_modules():
+        if not isinstance(module, PatternConv2d):
+            continue
+        site = state.sites[module.site_name]
+        c, h, w_ = site.input_shape[1:]
+        weight = m.get_parameter(site.weight_target).detach()
+        inp = torch.randn(batch, c, h, w_)
+        runner = LayerRunner(module.kernels_for((h, w_), weight.shape), module.index_for(inp.device))
+        g = runner.geometry
+        out, xpad = runner.forward(inp, weight, None)
+        dout = torch.randn_like(out)
+        ours = (median_seconds(lambda: runner.forward(inp, weight, None), repeats),
+                median_seconds(lambda: runner.grad_input(dout, weight), repeats),
+                median_seconds(lambda: runner.grad_weight(dout, xpad, weight), repeats))
+        dense = dense_times(inp, weight, g.stride, g.padding, g.dilation, dout, repeats)
+        rows.append((f"{model_name}@{size}", module.site_name, f"{g.in_channels}->{g.out_channels} {h}x{w_} s{g.stride[0]}",
+                     dense, ours))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--models", nargs="+", default=["vgg11", "resnet20"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[28, 32])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    threads = set_threads(args.threads)
+    print(header(threads))
+    print(f"batch {args.batch}; ratio = torch dense time / generated time (>1: generated is faster)")
+    for connectivity in (0.0, 0.5):
+        density = 4 / 9 * (1 - connectivity)
+        print(f"\n== density {density:.3f} (4 of 9 weights{', 50% of kernels dropped' if connectivity else ''}) ==")
+        print(f"{'model':<12} {'conv':<18} {'shape':<20} {'fwd':>6} {'dgrad':>6} {'wgrad':>6} {'total':>6}   dense ms / ours ms")
+        totals = []
+        for model_name in args.models:
+            for size in args.sizes:
+                for model, conv, shape, dense, ours in layer_rows(model_name, size, args.batch, connectivity, args.repeats):
+                    ratios = [d / o for d, o in zip(dense, ours)]
+                    total = sum(dense) / sum(ours)
+                    totals.append(total)
+                    print(f"{model:<12} {conv:<18} {shape:<20} {ratios[0]:>6.2f} {ratios[1]:>6.2f} {ratios[2]:>6.2f} "
+                          f"{total:>6.2f}   {sum(dense) * 1e3:.1f} / {sum(ours) * 1e3:.1f}")
+        print(f"median over {len(totals)} layers (fwd+dgrad+wgrad): {statistics.median(totals):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
