@@ -47,7 +47,7 @@ cmd=${1:-}; shift || true
 case "$cmd" in
     main)
         setup_env; find_data
-        exec "$VENV/bin/clicktrain" demo --data "$CLICKTRAIN_DATA" --out runs/demo "$@" ;;
+        exec "$VENV/bin/clicktrain" train --data "$CLICKTRAIN_DATA" --out runs/train "$@" ;;
     test)
         setup_env; find_data
         export CLICKTRAIN_CACHE=${CLICKTRAIN_CACHE:-$ROOT/build/cache}

@@ -8,9 +8,13 @@ import sys
 from .errors import ClicktrainError
 
 
-def _demo(args) -> int:
-    from .demo import run_demo
-    run_demo(args)
+def _train(args) -> int:
+    from dataclasses import fields
+
+    from .runtime.trainer import TrainConfig, Trainer
+    names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    Trainer(cfg).run()
     return 0
 
 
@@ -42,22 +46,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clicktrain", description="Pattern-prune CNNs while they train.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="prune-train a small CNN on Fashion-MNIST and report the result")
-    demo.add_argument("--data", default=None, help="Fashion-MNIST IDX directory (default $CLICKTRAIN_DATA or "
-                                                   "/usr/share/datasets/fashion-mnist)")
-    demo.add_argument("--out", default="runs/demo", help="output directory (metrics, plot, dump)")
-    demo.add_argument("--model", default="vgg_small", help="vgg_small, vgg11, vgg13, resnet20, resnet32")
-    demo.add_argument("--dense-steps", type=int, default=400)
-    demo.add_argument("--finetune-steps", type=int, default=400)
-    demo.add_argument("--batch-size", type=int, default=64)
-    demo.add_argument("--lr", type=float, default=0.05)
-    demo.add_argument("--connectivity", type=float, default=0.5, help="fraction of kernels dropped per layer")
-    demo.add_argument("--pattern-nnz", type=int, default=4)
-    demo.add_argument("--num-patterns", type=int, default=8)
-    demo.add_argument("--target", default="torch", choices=["torch", "llvm", "cuda"])
-    demo.add_argument("--threads", type=int, default=None)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
+    from .runtime.trainer import TrainConfig
+    d = TrainConfig()
+    train = sub.add_parser("train", help="prune-train a CNN with the ClickTrain schedule (no arguments: the README's main job)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--model", default=d.model, help="vgg_small, vgg11, vgg13, resnet20, resnet32, or module:callable")
+    train.add_argument("--width", type=float, default=d.width, help="channel multiplier of the built-in models")
+    train.add_argument("--data", default=None, help="IDX (Fashion-MNIST/MNIST), CIFAR-10 python or image-folder directory "
+                                                    "(default $CLICKTRAIN_DATA or /usr/share/datasets/fashion-mnist)")
+    train.add_argument("--epochs", type=int, default=d.epochs)
+    train.add_argument("--batch-size", type=int, default=d.batch_size)
+    train.add_argument("--lr", type=float, default=d.lr)
+    train.add_argument("--train-subset", type=int, default=None, help="train on N random training images")
+    train.add_argument("--target", default=d.target, choices=["torch", "llvm", "cuda"])
+    train.add_argument("--seed", type=int, default=d.seed)
+    train.add_argument("--out", default=d.out)
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--threads", type=int, default=None)
+    train.add_argument("--dense", action="store_true", help="train without pruning (the baseline)")
+    train.add_argument("--choose", type=float, default=d.choose, help="epoch (or fraction) where patterns are selected")
+    train.add_argument("--hard", type=float, default=d.hard, help="epoch (or fraction) where masks are applied")
+    train.add_argument("--lam", type=float, default=d.lam, help="group-lasso weight (used when --auto-lam is 0)")
+    train.add_argument("--auto-lam", type=float, default=d.auto_lam, help="penalty as this fraction of the loss (0: off)")
+    train.add_argument("--importance", default=d.importance, choices=["accumulated", "batch", "magnitude"])
+    train.add_argument("--window", type=int, default=d.window, help="mini-batches averaged for importance")
+    train.add_argument("--library", default=d.library, choices=["generated", "frequency", "fixed"])
+    train.add_argument("--pattern-nnz", type=int, default=d.pattern_nnz)
+    train.add_argument("--num-patterns", type=int, default=d.num_patterns)
+    train.add_argument("--connectivity", type=float, default=d.connectivity, help="fraction of kernels dropped per layer")
+    train.add_argument("--connectivity-ramp", default=d.connectivity_ramp, choices=["none", "layers", "epochs"])
+    train.add_argument("--mixup", type=float, default=d.mixup, help="mixup alpha (0: off)")
+    train.set_defaults(func=_train)
 
     exp = sub.add_parser("export", help="export a checkpoint (from ct.export_torch) to ONNX")
     exp.add_argument("checkpoint", help="file written by ct.export_torch, or a plain state_dict of --model")

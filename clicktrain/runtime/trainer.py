@@ -1,0 +1,273 @@
+"""The trainer behind ``clicktrain train``: data, model, ClickTrain schedule, metrics,
+atomic per-epoch checkpoints that ``--resume`` continues exactly, final figures and a plot."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..api import compile_for_training
+from ..config import PruneConfig
+from ..data import default_data_dir, load_dataset, normalize
+from ..errors import ConfigError, StateError
+from ..machine import cpu_description, set_threads
+from ..models import build_model
+from ..util import atomic_write, atomic_write_text
+from .report import pruning_report
+from .schedule import ClickTrain
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    model: str = "vgg11"
+    width: float = 0.25
+    data: str | None = None
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    train_subset: int | None = None
+    target: str = "torch"
+    seed: int = 0
+    out: str = "runs/train"
+    resume: bool = False
+    threads: int | None = None
+    dense: bool = False           # train without pruning (the baseline)
+    choose: float = 0.3
+    hard: float = 0.6
+    lam: float = 0.0
+    auto_lam: float | None = 0.1
+    importance: str = "accumulated"
+    window: int = 32
+    library: str = "generated"
+    pattern_nnz: int = 4
+    num_patterns: int = 8
+    connectivity: float = 0.75
+    connectivity_ramp: str = "none"
+    mixup: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def prune_config(self) -> PruneConfig:
+        return PruneConfig(pattern_nnz=self.pattern_nnz, num_patterns=self.num_patterns, connectivity=self.connectivity)
+
+
+def _build_user_model(spec: str, in_channels: int, num_classes: int):
+    """``module:callable`` -> callable(in_channels=..., num_classes=...) or callable()."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--model {spec!r}: cannot import {attr!r} from module {module_name!r} ({exc})") from None
+    try:
+        return factory(in_channels=in_channels, num_classes=num_classes)
+    except TypeError:
+        return factory()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _data(self):
+        cfg = self.cfg
+        x_train, y_train, x_test, y_test, fmt = load_dataset(cfg.data or default_data_dir())
+        if cfg.train_subset:
+            g = torch.Generator().manual_seed(cfg.seed)
+            keep = torch.randperm(len(x_train), generator=g)[:cfg.train_subset]
+            x_train, y_train = x_train[keep], y_train[keep]
+        x_train, mean, std = normalize(x_train)
+        x_test, _, _ = normalize(x_test, mean, std)
+        return x_train, y_train, x_test, y_test, fmt
+
+    def _model(self, in_channels, num_classes):
+        cfg = self.cfg
+        if ":" in cfg.model:
+            return _build_user_model(cfg.model, in_channels, num_classes)
+        return build_model(cfg.model, in_channels=in_channels, num_classes=num_classes, width=cfg.width)
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        threads = set_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        x_train, y_train, x_test, y_test, fmt = self._data()
+        num_classes = int(max(y_train.max(), y_test.max())) + 1
+        print(f"clicktrain train | CPU: {cpu_description()} | threads {threads} | data {fmt} "
+              f"{tuple(x_train.shape)} -> {num_classes} classes | model {cfg.model} | target {cfg.target} | "
+              f"{'dense baseline' if cfg.dense else 'ClickTrain'}")
+        model = self._model(x_train.shape[1], num_classes)
+        m = compile_for_training(model, x_train[:2], target=cfg.target, config=cfg.prune_config(),
+                                 debug_dir=self.out / "dump")
+        steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
+        total_steps = cfg.epochs * steps_per_epoch
+        opt = torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              nesterov=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+        pruner = None if cfg.dense else ClickTrain(
+            m, opt, epochs=cfg.epochs, choose=_as_epoch(cfg.choose), hard=_as_epoch(cfg.hard), lam=cfg.lam,
+            auto_lam=cfg.auto_lam or None,
+            importance=cfg.importance, window=cfg.window, library=cfg.library, connectivity_ramp=cfg.connectivity_ramp)
+        metrics: list[dict] = []
+        start_epoch, wall_before = 0, 0.0
+        if cfg.resume and (self.out / CHECKPOINT).exists():
+            start_epoch, wall_before, metrics = self._load(m, opt, sched, pruner)
+            print(f"resumed from {self.out / CHECKPOINT} after epoch {start_epoch}")
+        started = time.perf_counter()
+        for epoch in range(start_epoch, cfg.epochs):
+            epoch_started = time.perf_counter()
+            loss, train_acc = self._train_epoch(m, opt, sched, pruner, x_train, y_train, epoch)
+            if pruner is not None:
+                pruner.epoch_end()
+            epoch_seconds = time.perf_counter() - epoch_started
+            test_acc = evaluate(m, x_test, y_test)
+            report = pruning_report(m)
+            row = {"epoch": epoch + 1, "phase": pruner.phase if pruner else "dense", "loss": round(loss, 5),
+                   "train_accuracy": round(train_acc, 5), "test_accuracy": round(test_acc, 5),
+                   "conv_density": round(report.conv_density, 5), "compression_ratio": round(report.compression_ratio, 4),
+                   "epoch_seconds": round(epoch_seconds, 3),
+                   "wall_seconds": round(wall_before + time.perf_counter() - started, 3)}
+            metrics.append(row)
+            tqdm.write(" | ".join(f"{k} {v}" for k, v in row.items()))
+            self._save(m, opt, sched, pruner, epoch + 1, row["wall_seconds"], metrics)
+        report = pruning_report(m)
+        final = {
+            "test_accuracy": metrics[-1]["test_accuracy"], "compression_ratio": report.compression_ratio,
+            "conv_density": report.conv_density, "wall_time_s": metrics[-1]["wall_seconds"],
+            "train_seconds": sum(r["epoch_seconds"] for r in metrics), "epochs": cfg.epochs,
+            "phase": metrics[-1]["phase"], "model": cfg.model, "data_format": fmt, "cpu": cpu_description(),
+            "threads": threads, "config": asdict(cfg),
+            "importance_overhead_s": pruner.importance_seconds if pruner else 0.0,
+            "penalty_overhead_s": pruner.penalty_seconds if pruner else 0.0,
+            "library": report.library, "layers": report.as_dict()["layers"],
+        }
+        atomic_write_text(self.out / "final.json", json.dumps(final, indent=2, default=str) + "\n")
+        plot_metrics(metrics, self.out / "plot.png", title=f"{cfg.model} ({'dense' if cfg.dense else 'ClickTrain'})")
+        print()
+        print(report)
+        print(f"\nfinal test accuracy {final['test_accuracy']:.4f} (the pruned model after the last epoch) | "
+              f"conv compression {final['compression_ratio']:.2f}x | wall {final['wall_time_s']:.1f} s")
+        print(f"wrote {self.out}/final.json, metrics.csv, plot.png, {CHECKPOINT}")
+        return final
+
+    def _train_epoch(self, m, opt, sched, pruner, x, y, epoch):
+        cfg = self.cfg
+        m.train()
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        mix = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 7)
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = tqdm(range(0, len(x), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   mininterval=2.0, leave=False)
+        for i in bar:
+            idx = order[i:i + cfg.batch_size]
+            xb, yb = x[idx], y[idx]
+            if cfg.mixup > 0:
+                lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
+                perm = torch.randperm(len(xb), generator=mix)
+                out = m(lam * xb + (1 - lam) * xb[perm])
+                loss = lam * F.cross_entropy(out, yb) + (1 - lam) * F.cross_entropy(out, yb[perm])
+            else:
+                out = m(xb)
+                loss = F.cross_entropy(out, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if pruner is not None:
+                pruner.step(loss.detach())
+            total_loss += loss.item() * len(xb)
+            correct += int((out.argmax(1) == yb).sum())
+            seen += len(xb)
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", refresh=False)
+        return total_loss / seen, correct / seen
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _save(self, m, opt, sched, pruner, epoch, wall, metrics):
+        state = {"epoch": epoch, "wall_seconds": wall, "metrics": metrics, "config": asdict(self.cfg),
+                 "model": m.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "pruner": pruner.state_dict() if pruner else None,
+                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+        atomic_write(self.out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+
+        def write_csv(tmp):
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(metrics[0]))
+                w.writeheader()
+                w.writerows(metrics)
+        atomic_write(self.out / "metrics.csv", write_csv)
+
+    def _load(self, m, opt, sched, pruner):
+        state = torch.load(self.out / CHECKPOINT, weights_only=False)
+        saved = {k: v for k, v in state["config"].items() if k not in ("resume", "out", "threads")}
+        current = {k: v for k, v in asdict(self.cfg).items() if k not in ("resume", "out", "threads")}
+        if saved != current:
+            diff = {k: (saved.get(k), current.get(k)) for k in saved if saved.get(k) != current.get(k)}
+            raise StateError(f"--resume: {self.out / CHECKPOINT} was written with different settings {diff}; "
+                             f"use the same arguments or another --out")
+        m.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if pruner is not None:
+            pruner.load_state_dict(state["pruner"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        return state["epoch"], state["wall_seconds"], state["metrics"]
+
+
+def _as_epoch(value: float):
+    """CLI numbers: 3.0 is epoch 3, 0.25 a fraction of the epochs."""
+    return int(value) if float(value).is_integer() and value >= 1 else value
+
+
+@torch.no_grad()
+def evaluate(model, x, y, batch_size: int = 500) -> float:
+    was_training = model.training
+    model.eval()
+    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+                  for i in range(0, len(x), batch_size))
+    model.train(was_training)
+    return correct / len(x)
+
+
+def plot_metrics(metrics: list[dict], path: Path, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wall = [r["wall_seconds"] for r in metrics]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(wall, [r["test_accuracy"] for r in metrics], "o-", color="tab:blue", label="test accuracy")
+    ax.plot(wall, [r["train_accuracy"] for r in metrics], "s--", color="tab:cyan", label="train accuracy")
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("accuracy")
+    ax2 = ax.twinx()
+    ax2.plot(wall, [r["conv_density"] for r in metrics], "^-", color="tab:red", label="conv density")
+    ax2.set_ylabel("conv density (kept / all conv weights)")
+    ax2.set_ylim(0, 1.05)
+    for r in metrics:
+        if r["phase"] == "hard":
+            ax.axvspan(r["wall_seconds"] - r["epoch_seconds"], r["wall_seconds"], color="0.92", zorder=0)
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="lower right")
+    ax.set_title(title + "  (grey: hard phase)")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)

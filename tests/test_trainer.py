@@ -1,0 +1,107 @@
+"""The trainer and `clicktrain train`: learning, pruning, outputs, resume, data formats."""
+
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import clicktrain as ct
+from clicktrain.data import load_dataset
+from clicktrain.runtime import trainer as trainer_module
+from clicktrain.runtime.trainer import TrainConfig, Trainer
+
+SMALL = dict(model="vgg_small", width=1.0, epochs=3, batch_size=64, train_subset=2000, choose=1, hard=2,
+             connectivity=0.5, threads=2)
+
+
+@pytest.mark.slow
+def test_train_learns_prunes_and_writes_outputs(tmp_path, fashion_dir):
+    final = Trainer(TrainConfig(data=str(fashion_dir), out=str(tmp_path), **SMALL)).run()
+    assert final["phase"] == "hard"
+    assert final["test_accuracy"] > 0.6            # 10 classes: chance is 0.1
+    assert final["compression_ratio"] > 4.0
+    rows = (tmp_path / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("epoch,phase,loss")
+    assert [r.split(",")[1] for r in rows[1:]] == ["soft", "hard", "hard"]
+    saved = json.loads((tmp_path / "final.json").read_text())
+    assert {"test_accuracy", "compression_ratio", "conv_density", "wall_time_s"} <= saved.keys()
+    assert saved["test_accuracy"] == final["test_accuracy"]
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_resume_continues_the_same_run(tmp_path, fashion_dir, monkeypatch):
+    cfg = dict(SMALL, train_subset=600, data=str(fashion_dir))
+    full = Trainer(TrainConfig(out=str(tmp_path / "full"), **cfg)).run()
+
+    original = Trainer._train_epoch
+
+    def crash_in_third_epoch(self, m, opt, sched, pruner, x, y, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, m, opt, sched, pruner, x, y, epoch)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", crash_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(TrainConfig(out=str(tmp_path / "split"), **cfg)).run()
+    monkeypatch.setattr(Trainer, "_train_epoch", original)
+    resumed = Trainer(TrainConfig(out=str(tmp_path / "split"), resume=True, **cfg)).run()
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+    full_rows = (tmp_path / "full" / "metrics.csv").read_text().splitlines()
+    split_rows = (tmp_path / "split" / "metrics.csv").read_text().splitlines()
+    strip = lambda rows: [r.split(",")[:6] for r in rows]  # noqa: E731 - timings differ
+    assert strip(split_rows) == strip(full_rows)
+    with pytest.raises(ct.StateError, match="different settings"):
+        Trainer(TrainConfig(out=str(tmp_path / "split"), resume=True, **dict(cfg, lr=0.1))).run()
+
+
+def test_cifar10_and_image_folder_formats(tmp_path):
+    cifar = tmp_path / "cifar"
+    cifar.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(cifar / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]}, f)
+    x, y, xt, yt, fmt = load_dataset(cifar)
+    assert fmt == "cifar10" and x.shape == (20, 3, 32, 32) and xt.shape == (4, 3, 32, 32) and float(x.max()) <= 1
+
+    from PIL import Image
+    folder = tmp_path / "images"
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (folder / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (10, 12), dtype=np.uint8)).save(folder / split / cls / f"{i}.png")
+    x, y, xt, yt, fmt = load_dataset(folder)
+    assert fmt == "image-folder" and x.shape == (4, 1, 10, 12) and y.tolist() == [0, 0, 1, 1]
+
+    (folder / "train" / "dog" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ct.DataError, match="cannot read image"):
+        load_dataset(folder)
+    (cifar / "data_batch_3").write_bytes(b"garbage")
+    with pytest.raises(ct.DataError, match="not a CIFAR-10 python batch"):
+        load_dataset(cifar)
+    with pytest.raises(ct.DataError, match="no known data set format"):
+        load_dataset(tmp_path)
+
+
+def test_user_model_by_module_and_callable(tmp_path, monkeypatch):
+    model = trainer_module._build_user_model("zoo:BranchNet", in_channels=3, num_classes=5)
+    assert type(model).__name__ == "BranchNet"
+    with pytest.raises(ct.ConfigError, match="cannot import 'Nope' from module 'zoo'"):
+        trainer_module._build_user_model("zoo:Nope", 3, 5)
+
+
+def test_cli_train_reports_bad_input_clearly(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "clicktrain.cli", "train", "--data", str(tmp_path / "none"),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "apt-get install dataset-fashion-mnist" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "clicktrain.cli", "train", "--data", str(tmp_path), "--choose", "5",
+                           "--hard", "2", "--epochs", "6", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
