@@ -57,7 +57,7 @@ def layer_rows(model_name, size, batch, connectivity, repeats):
         dout = torch.randn_like(out)
         ours = (median_seconds(lambda: runner.forward(inp, weight, None), repeats),
                 median_seconds(lambda: runner.grad_input(dout, weight), repeats),
-                median_seconds(lambda: runner.grad_weight(dout, xpad, weight), repeats))
+                median_seconds(lambda: runner.grad_weight(dout, inp, xpad, weight), repeats))
         dense = dense_times(inp, weight, g.stride, g.padding, g.dilation, dout, repeats)
         rows.append((f"{model_name}@{size}", module.site_name, f"{g.in_channels}->{g.out_channels} {h}x{w_} s{g.stride[0]}",
                      dense, ours))

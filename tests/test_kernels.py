@@ -27,7 +27,9 @@ def hardened_conv(out_c, in_c, stride, padding, dilation, connectivity, seed=0, 
     mask.assign(library, assign_patterns(weight ** 2, library, connectivity))
     mask.phase = Phase.HARD
     site = ConvSite("w", "w.weight", (out_c, in_c, 3, 3), stride, padding, dilation, 1, None, None)
-    return PatternConv2d(site, mask, "llvm"), (weight * mask.mask()), mask
+    conv = PatternConv2d(site, mask, "llvm")
+    conv.autotune = False  # these tests are about the generated kernels themselves
+    return conv, (weight * mask.mask()), mask
 
 
 def rel_err(a, b):
@@ -71,6 +73,47 @@ def test_forward_and_gradients_match_masked_dense_conv(case):
     assert float(weight.grad[~kept].abs().sum()) == 0.0  # only kept weights get gradients
     if with_bias:
         assert rel_err(bias.grad, b_ref.grad) < 1e-4
+
+
+@pytest.fixture(autouse=True)
+def generated_kernels_only(monkeypatch):
+    """Whole-model tests check the generated kernels, not the measured fallback to torch."""
+    monkeypatch.setenv("CLICKTRAIN_AUTOTUNE", "0")
+
+
+@pytest.mark.parametrize("use", [dict(zip(("forward", "grad_input", "grad_weight"), bits))
+                                 for bits in ((0, 0, 0), (1, 0, 1), (0, 1, 0), (1, 1, 1))])
+def test_every_mix_of_generated_and_torch_kernels_agrees(use):
+    from clicktrain.runtime.pattern_conv import LayerRunner
+    conv, masked_w, mask = hardened_conv(12, 10, 2, 1, 1, 0.3)
+    x = torch.randn(3, 10, 11, 9)
+    runner = LayerRunner(conv.kernels_for((11, 9), masked_w.shape), conv.index_for(x.device), {k: bool(v) for k, v in use.items()})
+    out, xpad = runner.forward(x, masked_w, None)
+    ref = F.conv2d(x, masked_w, None, 2, 1, 1)
+    assert rel_err(out, ref) < 1e-4
+    dout = torch.randn_like(ref)
+    x_ref, w_ref = x.clone().requires_grad_(True), masked_w.clone().requires_grad_(True)
+    F.conv2d(x_ref, w_ref, None, 2, 1, 1).backward(dout)
+    assert rel_err(runner.grad_input(dout, masked_w, tuple(x.shape)), x_ref.grad) < 1e-4
+    dw = runner.grad_weight(dout, x, xpad, masked_w)
+    assert rel_err(dw, w_ref.grad * mask.mask()) < 1e-4
+
+
+def test_autotune_measures_once_and_remembers(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLICKTRAIN_CACHE", str(tmp_path))
+    conv, masked_w, _ = hardened_conv(8, 8, 1, 1, 1, 0.0, seed=5)
+    conv.autotune = True
+    x = torch.randn(4, 8, 9, 9)
+    torch.testing.assert_close(conv(x, masked_w, None), F.conv2d(x, masked_w, None, 1, 1), rtol=1e-4, atol=1e-4)
+    choice = conv._use[(4, 8, 9, 9)]
+    assert set(choice) == {"forward", "grad_input", "grad_weight"}
+    assert (tmp_path / "tuning.json").is_file()
+    again, _, _ = hardened_conv(8, 8, 1, 1, 1, 0.0, seed=5)
+    again.autotune = True
+    monkeypatch.setattr("clicktrain.runtime.pattern_conv.LayerRunner.tune",
+                        lambda *a, **k: pytest.fail("a remembered choice was measured again"))
+    again(x, masked_w, None)
+    assert again._use[(4, 8, 9, 9)] == choice
 
 
 def compiled_pair(name, connectivity=0.3):

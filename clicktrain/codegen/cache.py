@@ -82,3 +82,30 @@ def compile_cached(name: str, source: str, target, load: bool = True) -> tuple[o
         module = executable  # an unwritable cache costs recompiles, not correctness
     _loaded[key] = module
     return module, time.perf_counter() - started, False
+
+
+def _tuning_path() -> Path:
+    return cache_dir() / "tuning.json"
+
+
+def load_tuning(key: str) -> dict | None:
+    """A remembered per-kind choice (generated kernel or torch) for a layer, or None."""
+    import json
+    try:
+        return json.loads(_tuning_path().read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+
+
+def save_tuning(key: str, use: dict) -> None:
+    import json
+    from ..util import atomic_write_text
+    try:
+        table = json.loads(_tuning_path().read_text()) if _tuning_path().is_file() else {}
+    except (OSError, ValueError):
+        table = {}
+    table[key] = use
+    try:
+        atomic_write_text(_tuning_path(), json.dumps(table, indent=0, sort_keys=True))
+    except OSError:
+        pass  # an unwritable cache costs a re-measurement, not correctness

@@ -10,6 +10,8 @@ to TVM through DLPack without copies.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,26 +42,49 @@ def _pad_to(x: torch.Tensor, top: int, left: int, rows: int, cols: int) -> torch
     return F.pad(x, (left, cols - w - left, top, rows - h - top)).contiguous()
 
 
-class LayerRunner:
-    """Compiled kernels + index arrays of one layer for one input size."""
+KINDS = ("forward", "grad_input", "grad_weight")
 
-    def __init__(self, kernels, index):
+
+class LayerRunner:
+    """Compiled kernels + index arrays of one layer for one input size, and, per kernel kind,
+    whether the generated kernel or torch's dense conv on the masked weight runs it
+    (``use``: kind -> True for generated). Both compute the same numbers."""
+
+    def __init__(self, kernels, index, use: dict | None = None):
         self.kernels, self.index = kernels, index
         self.geometry = kernels.plan.geometry
+        self.use = use or {kind: True for kind in KINDS}
 
-    def forward(self, x, weight, bias):
+    # -- generated kernels -----------------------------------------------------------------
+    def pad_input(self, x):
+        g, plan = self.geometry, self.kernels.plan
+        return _pad_to(x.float(), g.padding[0], g.padding[1], *plan.fwd_in)
+
+    def forward_generated(self, xpad, weight, bias):
         g, plan, idx = self.geometry, self.kernels.plan, self.index
-        xpad = _pad_to(x.float(), g.padding[0], g.padding[1], *plan.fwd_in)
         wc = weight.detach().reshape(-1)[idx.fwd_layout.weight_index.to(weight.device)].contiguous()
-        out = torch.empty(x.shape[0], g.out_channels, plan.forward.out_h, plan.forward.out_w, device=x.device)
-        b = bias.detach().float().contiguous() if bias is not None else idx.bias_zeros(g.out_channels, x)
+        out = torch.empty(xpad.shape[0], g.out_channels, plan.forward.out_h, plan.forward.out_w, device=xpad.device)
+        b = bias.detach().float().contiguous() if bias is not None else idx.bias_zeros(g.out_channels, xpad)
         _call(self.kernels.forward, xpad, wc, idx.fwd_ptr, idx.fwd_src, idx.fwd_perm, b, out)
         if out.shape[2:] != (g.out_h, g.out_w):
             out = out[:, :, :g.out_h, :g.out_w].contiguous()
-        return out, xpad
+        return out
 
-    def grad_input(self, dout, weight):
+    def forward(self, x, weight, bias):
+        """(output, padded input for grad-weight or None)."""
+        if self.use["forward"]:
+            xpad = self.pad_input(x)
+            return self.forward_generated(xpad, weight, bias), xpad
+        g = self.geometry
+        return F.conv2d(x, weight.detach(), None if bias is None else bias.detach(), g.stride, g.padding, g.dilation), None
+
+    def grad_input(self, dout, weight, x_shape=None):
         g, plan, idx = self.geometry, self.kernels.plan, self.index
+        if not self.use["grad_input"]:
+            return torch.ops.aten.convolution_backward(
+                dout, torch.empty(x_shape or (dout.shape[0], g.in_channels, g.in_h, g.in_w), device=dout.device),
+                weight.detach(), None, list(g.stride), list(g.padding), list(g.dilation), False, [0, 0], 1,
+                [True, False, False])[0]
         (sh, sw), (dh, dw) = g.stride, g.dilation
         if (sh, sw) != (1, 1):  # zero-insertion turns the strided conv's gradient into a stride-1 one
             up = dout.new_zeros(*dout.shape[:2], (g.out_h - 1) * sh + 1, (g.out_w - 1) * sw + 1)
@@ -75,16 +100,60 @@ class LayerRunner:
             dx = dx[:, :, :g.in_h, :g.in_w].contiguous()
         return dx
 
-    def grad_weight(self, dout, xpad, weight):
-        plan, idx = self.kernels.plan, self.index
+    def grad_weight(self, dout, x, xpad, weight):
+        plan, idx, g = self.kernels.plan, self.index, self.geometry
+        weight_index = idx.fwd_layout.weight_index.to(weight.device).reshape(-1)
+        if not self.use["grad_weight"]:
+            full = torch.ops.aten.convolution_backward(
+                dout, x, weight.detach(), None, list(g.stride), list(g.padding), list(g.dilation), False, [0, 0], 1,
+                [False, True, False])[1]
+            dense = torch.zeros(weight.numel(), device=weight.device, dtype=weight.dtype)
+            dense[weight_index] = full.reshape(-1)[weight_index]  # kept weights only, as the kernel does
+            return dense.view_as(weight)
+        if xpad is None:
+            xpad = self.pad_input(x)
         dpad = F.pad(dout, (0, plan.grad_weight.out_w - dout.shape[-1])).contiguous()
-        k = plan.forward.k
-        compact = torch.empty(idx.fwd_layout.kept_kernels, k, device=dout.device)
+        compact = torch.empty(idx.fwd_layout.kept_kernels, plan.forward.k, device=dout.device)
         _call(self.kernels.grad_weight, dpad, xpad, idx.gw_filter, idx.gw_channel, idx.gw_dst,
               idx.gw_pattern_ptr, compact)
         dense = torch.zeros(weight.numel(), device=weight.device, dtype=weight.dtype)
-        dense[idx.fwd_layout.weight_index.to(weight.device).reshape(-1)] = compact.reshape(-1).to(weight.dtype)
+        dense[weight_index] = compact.reshape(-1).to(weight.dtype)
         return dense.view_as(weight)
+
+    # -- measured choice -------------------------------------------------------------------
+    def tune(self, x_shape, weight, bias, repeats: int = 3) -> dict:
+        """Time each kind both ways on random data of the real batch size; keep the faster."""
+        import time as _time
+        x = torch.randn(x_shape, device=weight.device)
+        w = weight.detach()
+        g = self.geometry
+        out = F.conv2d(x, w, None, g.stride, g.padding, g.dilation)
+        dout = torch.randn_like(out)
+        xpad = self.pad_input(x)
+
+        def best_of(fn):
+            fn()
+            times = []
+            for _ in range(repeats):
+                started = _time.perf_counter()
+                fn()
+                times.append(_time.perf_counter() - started)
+            return sorted(times)[len(times) // 2]
+
+        timings = {}
+        for kind, generated, dense in (
+            ("forward", lambda: self.forward_generated(xpad, w, bias), lambda: F.conv2d(x, w, bias, g.stride, g.padding, g.dilation)),
+            ("grad_input", lambda: self._with(grad_input=True).grad_input(dout, w, tuple(x.shape)),
+             lambda: self._with(grad_input=False).grad_input(dout, w, tuple(x.shape))),
+            ("grad_weight", lambda: self._with(grad_weight=True).grad_weight(dout, x, xpad, w),
+             lambda: self._with(grad_weight=False).grad_weight(dout, x, xpad, w)),
+        ):
+            timings[kind] = (best_of(generated), best_of(dense))
+        self.use = {kind: t[0] < t[1] for kind, t in timings.items()}
+        return timings
+
+    def _with(self, **use) -> "LayerRunner":
+        return LayerRunner(self.kernels, self.index, dict(self.use, **use))
 
 
 class _PatternConvFunction(torch.autograd.Function):
@@ -93,16 +162,19 @@ class _PatternConvFunction(torch.autograd.Function):
         out, xpad = runner.forward(x, weight, bias)
         ctx.runner = runner
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(xpad, weight)
+        ctx.x_shape = tuple(x.shape)
+        ctx.xpad = xpad  # the padded copy the generated forward made, reused by grad-weight
+        ctx.save_for_backward(x, weight)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        xpad, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         dout = dout.contiguous().float()
-        dx = ctx.runner.grad_input(dout, weight) if ctx.needs_input_grad[0] else None
-        dw = ctx.runner.grad_weight(dout, xpad, weight) if ctx.needs_input_grad[1] else None
+        dx = ctx.runner.grad_input(dout, weight, ctx.x_shape) if ctx.needs_input_grad[0] else None
+        dw = ctx.runner.grad_weight(dout, x, ctx.xpad, weight) if ctx.needs_input_grad[1] else None
         db = dout.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        ctx.xpad = None
         return dx, dw, db, None
 
 
@@ -117,7 +189,11 @@ class PatternConv2d(nn.Module):
         object.__setattr__(self, "_mask", mask)  # not a submodule: it lives in clicktrain_masks
         self._kernels: dict = {}   # (H, W) -> LayerKernels
         self._index = None         # (state key, device, LayerIndex)
+        self._use: dict = {}       # (input shape) -> {kind: generated?}, measured on first use
         self.compile_seconds = 0.0
+        # measured choice between generated kernel and torch per kind; CLICKTRAIN_AUTOTUNE=0
+        # (or autotune = False) always runs the generated kernels
+        self.autotune = os.environ.get("CLICKTRAIN_AUTOTUNE", "1") != "0"
 
     def extra_repr(self) -> str:
         return f"site={self.site_name!r}, target={self.target!r}"
@@ -125,7 +201,7 @@ class PatternConv2d(nn.Module):
     def __getstate__(self):
         # compiled kernels and index arrays are caches: copies and pickles rebuild them lazily
         state = dict(self.__dict__)
-        state["_kernels"], state["_index"] = {}, None
+        state["_kernels"], state["_index"], state["_use"] = {}, None, {}
         return state
 
     def kernels_for(self, in_hw: tuple[int, int], weight_shape):
@@ -160,4 +236,21 @@ class PatternConv2d(nn.Module):
         if x.dtype != torch.float32:
             raise TargetError(f"'{self.site_name}': generated kernels are float32, got {x.dtype}")
         runner = LayerRunner(self.kernels_for(tuple(x.shape[-2:]), weight.shape), self.index_for(x.device))
+        if self.autotune:
+            runner.use = self.choice_for(runner, tuple(x.shape), weight, bias)
         return _PatternConvFunction.apply(x, weight, bias, runner)
+
+    def choice_for(self, runner: LayerRunner, x_shape: tuple, weight, bias) -> dict:
+        """Generated kernel or torch, per kind, for this input shape: measured once, then
+        remembered (in memory and in the kernel cache directory)."""
+        from ..codegen.cache import load_tuning, save_tuning
+        if x_shape not in self._use:
+            key = f"{runner.kernels.plan.forward.name}|{runner.kernels.target.description}|{x_shape}|{torch.get_num_threads()}"
+            use = load_tuning(key)
+            if use is None:
+                with torch.no_grad():
+                    runner.tune(x_shape, weight, bias)
+                use = runner.use
+                save_tuning(key, use)
+            self._use[x_shape] = use
+        return self._use[x_shape]
