@@ -12,21 +12,32 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 
+def _sync() -> None:
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_seconds(fn, repeats: int = 7, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        _sync()
         started = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
-def header(threads: int) -> str:
+def header(threads: int, target: str = "llvm") -> str:
     import torch
     import tvm
 
     from clicktrain.machine import cpu_description
-    return (f"CPU: {cpu_description()} | threads: torch {torch.get_num_threads()}, TVM {threads} | "
+    line = (f"CPU: {cpu_description()} | threads: torch {torch.get_num_threads()}, TVM {threads} | "
             f"torch {torch.__version__}, TVM {tvm.__version__} | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    if target == "cuda" and torch.cuda.is_available():
+        line += f" | GPU: {torch.cuda.get_device_name()} (torch dense = cuDNN)"
+    return line

@@ -35,13 +35,17 @@ def dense_times(x, w, stride, padding, dilation, dout, repeats):
             median_seconds(lambda: bwd([False, True, False]), repeats))
 
 
-def layer_rows(model_name, size, batch, connectivity, repeats):
+def layer_rows(model_name, size, batch, connectivity, repeats, target="llvm", compile_only=False):
     torch.manual_seed(0)
     model = build_model(model_name, in_channels=3, num_classes=10)
     x = torch.randn(2, 3, size, size)
-    m = ct.compile_for_training(model, x, target="llvm", config=ct.PruneConfig(connectivity=connectivity))
+    m = ct.compile_for_training(model, x, target=target, config=ct.PruneConfig(connectivity=connectivity))
     ct.select_patterns(m)
     ct.harden(m)
+    if compile_only:
+        return []
+    device = torch.device("cuda" if target == "cuda" else "cpu")
+    m.to(device)
     state = m._clicktrain
     rows = []
     for name, module in m.named_modules():
@@ -50,7 +54,7 @@ def layer_rows(model_name, size, batch, connectivity, repeats):
         site = state.sites[module.site_name]
         c, h, w_ = site.input_shape[1:]
         weight = m.get_parameter(site.weight_target).detach()
-        inp = torch.randn(batch, c, h, w_)
+        inp = torch.randn(batch, c, h, w_, device=device)
         runner = LayerRunner(module.kernels_for((h, w_), weight.shape), module.index_for(inp.device))
         g = runner.geometry
         out, xpad = runner.forward(inp, weight, None)
@@ -71,9 +75,17 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[28, 32])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
+    parser.add_argument("--compile-only", action="store_true", help="generate and compile the kernels, time nothing")
     args = parser.parse_args()
     threads = set_threads(args.threads)
-    print(header(threads))
+    if args.compile_only:
+        for model_name in args.models:
+            for size in args.sizes:
+                for connectivity in (0.0, 0.5):
+                    layer_rows(model_name, size, args.batch, connectivity, 0, args.target, compile_only=True)
+        return
+    print(header(threads, args.target))
     print(f"batch {args.batch}; ratio = torch dense time / generated time (>1: generated is faster)")
     for connectivity in (0.0, 0.5):
         density = 4 / 9 * (1 - connectivity)
@@ -82,7 +94,8 @@ def main() -> None:
         totals = []
         for model_name in args.models:
             for size in args.sizes:
-                for model, conv, shape, dense, ours in layer_rows(model_name, size, args.batch, connectivity, args.repeats):
+                for model, conv, shape, dense, ours in layer_rows(model_name, size, args.batch, connectivity,
+                                                                  args.repeats, args.target):
                     ratios = [d / o for d, o in zip(dense, ours)]
                     total = sum(dense) / sum(ours)
                     totals.append(total)

@@ -36,6 +36,24 @@ def cache_key(source: str, target_description: str) -> str:
     return h.hexdigest()[:32]
 
 
+def _ensure_device_runtime(target) -> None:
+    """TVM registers its CUDA module loader from a sidecar library when its CUDA backend
+    imports; a runtime-only TVM (kernels built elsewhere) may not have done so: load it."""
+    if target.name != "cuda":
+        return
+    import ctypes
+
+    from tvm import base
+    loaded = getattr(base, "_LOADED_LIBS", {})
+    if "tvm_runtime_cuda" in loaded or "tvm_runtime" not in loaded:
+        return
+    sidecar = Path(loaded["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so"
+    try:
+        loaded["tvm_runtime_cuda"] = ctypes.CDLL(str(sidecar), mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        pass  # no CUDA driver here: loading a CUDA kernel will say so
+
+
 def compile_cached(name: str, source: str, target, load: bool = True) -> tuple[object, float, bool]:
     """(runtime module, seconds spent compiling or loading, whether it was a cache hit).
 
@@ -49,6 +67,8 @@ def compile_cached(name: str, source: str, target, load: bool = True) -> tuple[o
         return _loaded[key], 0.0, True
     path = cache_dir() / f"{name}-{key}.so"
     started = time.perf_counter()
+    if load:
+        _ensure_device_runtime(target)
     if load and path.is_file():
         try:
             module = tvm.runtime.load_module(str(path))
@@ -72,11 +92,11 @@ def compile_cached(name: str, source: str, target, load: bool = True) -> tuple[o
             f"TVM failed to compile kernel {name} for {target.description}: {type(exc).__name__}: "
             f"{lines[-1] if lines else ''}; {where}. Please report it; target='torch' runs the same "
             f"model meanwhile.", original=exc) from None
-    if not load:
-        return executable, time.perf_counter() - started, False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: executable.export_library(tmp))
+        atomic_write(path, lambda tmp: executable.export_library(tmp))  # also when this machine cannot load it
+        if not load:
+            return executable, time.perf_counter() - started, False
         module = tvm.runtime.load_module(str(path))
     except OSError:
         module = executable  # an unwritable cache costs recompiles, not correctness

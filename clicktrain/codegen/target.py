@@ -11,9 +11,15 @@ from ..errors import TargetError
 @dataclass(frozen=True)
 class KernelTarget:
     name: str            # "llvm" or "cuda"
-    tvm_target: object   # tvm.target.Target
+    spec: tuple          # the tvm.target.Target config, as sorted (key, value) pairs
     description: str     # stable text used in cache keys and reports
     simd_lanes: int      # float32 lanes of one vector register (CPU); threads per warp (CUDA)
+
+    @property
+    def tvm_target(self):
+        """Built on demand: only compiling needs it (a runtime-only TVM can load kernels)."""
+        import tvm
+        return tvm.target.Target(dict(self.spec))
 
 
 def _cpu_flags() -> set[str]:
@@ -39,17 +45,19 @@ def resolve_target(name: str) -> KernelTarget:
         cpu = tvm.target.codegen.llvm_get_system_cpu()
         flags = _cpu_flags()
         lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
-        target = tvm.target.Target({"kind": "llvm", "mcpu": cpu})
-        return KernelTarget("llvm", target, f"llvm -mcpu={cpu}", lanes)
+        return KernelTarget("llvm", (("kind", "llvm"), ("mcpu", cpu)), f"llvm -mcpu={cpu}", lanes)
     if name == "cuda":
         arch = _cuda_arch()
-        target = tvm.target.Target({"kind": "cuda", "arch": arch})
-        return KernelTarget("cuda", target, f"cuda -arch={arch}", 32)
+        return KernelTarget("cuda", (("arch", arch), ("kind", "cuda")), f"cuda -arch={arch}", 32)
     raise TargetError(f"unknown kernel target {name!r}; choose 'llvm' or 'cuda'")
 
 
 def _cuda_arch() -> str:
-    """The GPU's compute capability if one is visible, else sm_80 (generate-and-compile only)."""
+    """$CLICKTRAIN_CUDA_ARCH, else the GPU's compute capability if one is visible, else sm_80
+    (generate-and-compile only; set the variable to build for another machine's GPU)."""
+    import os
+    if os.environ.get("CLICKTRAIN_CUDA_ARCH"):
+        return os.environ["CLICKTRAIN_CUDA_ARCH"]
     try:
         import torch
         if torch.cuda.is_available():
