@@ -13,6 +13,15 @@ import clicktrain as ct
 from test_kernels import GRID, hardened_conv, rel_err
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+
+
+@pytest.fixture(autouse=True)
+def exact_reference():
+    """cuDNN's default TF32 convolutions are not a 1e-4 reference: use full float32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 MODELS = ["vgg", "resnet", "mixed"]
 
 

@@ -69,13 +69,14 @@ def compile_cached(name: str, source: str, target, load: bool = True) -> tuple[o
     started = time.perf_counter()
     if load:
         _ensure_device_runtime(target)
+    load_error = ""
     if load and path.is_file():
         try:
             module = tvm.runtime.load_module(str(path))
             _loaded[key] = module
             return module, time.perf_counter() - started, True
-        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt below
-            path.unlink(missing_ok=True)
+        except Exception as exc:  # noqa: BLE001 - rebuilt below if this TVM can compile
+            load_error = f" (loading the cached {path.name} failed first: {type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''})"
     try:
         prim = tvm.script.from_source(source)
         executable = tvm.compile(prim, target=target.tvm_target)
@@ -90,8 +91,8 @@ def compile_cached(name: str, source: str, target, load: bool = True) -> tuple[o
         lines = [line for line in str(exc).splitlines() if line.strip()]
         raise ClicktrainError(
             f"TVM failed to compile kernel {name} for {target.description}: {type(exc).__name__}: "
-            f"{lines[-1] if lines else ''}; {where}. Please report it; target='torch' runs the same "
-            f"model meanwhile.", original=exc) from None
+            f"{lines[-1] if lines else ''}; {where}{load_error}. Please report it; target='torch' runs the "
+            f"same model meanwhile.", original=exc) from None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: executable.export_library(tmp))  # also when this machine cannot load it
