@@ -39,6 +39,13 @@ def set_conv_arg(node: fx.Node, name: str, value) -> None:
         node.kwargs = kwargs
 
 
+def replace_node(gm: fx.GraphModule, old: fx.Node, new: fx.Node, **meta) -> None:
+    """Make ``new`` take ``old``'s place: its meta (plus ``meta``), its users; erase ``old``."""
+    new.meta = dict(old.meta, **meta)
+    old.replace_all_uses_with(new)
+    gm.graph.erase_node(old)
+
+
 def _pair(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 

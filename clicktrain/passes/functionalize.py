@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import ClicktrainPass, PassResult
-from .conv_sites import NAME_KEY
+from .conv_sites import NAME_KEY, replace_node
 
 
 class FunctionalizeConvs(ClicktrainPass):
@@ -47,10 +47,7 @@ class FunctionalizeConvs(ClicktrainPass):
                 conv = gm.graph.create_node(
                     "call_function", torch.conv2d, (x, weight, bias, module.stride, padding, module.dilation, module.groups),
                     name=f"{node.target.replace('.', '_')}_conv")
-            conv.meta = dict(node.meta)
-            conv.meta[NAME_KEY] = node.target
-            node.replace_all_uses_with(conv)
-            gm.graph.erase_node(node)
+            replace_node(gm, node, conv, **{NAME_KEY: node.target})
             modified = True
         gm.recompile()
         return PassResult(gm, modified)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..util import format_table
 from .base import ClicktrainPass, PassResult, compile_state
-from .conv_sites import META_KEY, conv_args, is_conv2d_call
+from .conv_sites import META_KEY, conv_args, is_conv2d_call, replace_node
 from .insert_masks import assert_weights_masked, mask_key
 
 TARGETS = ("torch", "llvm", "cuda")
@@ -63,9 +63,7 @@ class LowerToTarget(ClicktrainPass):
             args = conv_args(node)
             with gm.graph.inserting_before(node):
                 call = gm.graph.call_module(by_site[site.name], (args["input"], args["weight"], args["bias"]))
-            call.meta = dict(node.meta)
-            node.replace_all_uses_with(call)
-            gm.graph.erase_node(node)
+            replace_node(gm, node, call)
             modified = True
         gm.recompile()
         return PassResult(gm, modified)
@@ -139,9 +137,7 @@ def unlower_kernels(gm: fx.GraphModule) -> None:
             x, w, b = node.args
             with gm.graph.inserting_before(node):
                 conv = gm.graph.call_function(torch.conv2d, (x, w, b, module.stride, module.padding, module.dilation, 1))
-            conv.meta = dict(node.meta)
-            node.replace_all_uses_with(conv)
-            gm.graph.erase_node(node)
+            replace_node(gm, node, conv)
     if hasattr(gm, KERNELS_ATTR):
         delattr(gm, KERNELS_ATTR)
     gm.recompile()
