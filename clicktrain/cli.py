@@ -42,6 +42,10 @@ def _export(args) -> int:
     return 0
 
 
+def _lam(text: str):
+    return text if text == "auto" else float(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clicktrain", description="Pattern-prune CNNs while they train.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dense", action="store_true", help="train without pruning (the baseline)")
     train.add_argument("--choose", type=float, default=d.choose, help="epoch (or fraction) where patterns are selected")
     train.add_argument("--hard", type=float, default=d.hard, help="epoch (or fraction) where masks are applied")
-    train.add_argument("--lam", type=float, default=d.lam, help="group-lasso weight (used when --auto-lam is 0)")
-    train.add_argument("--auto-lam", type=float, default=d.auto_lam, help="penalty as this fraction of the loss (0: off)")
+    train.add_argument("--lam", type=_lam, default=d.lam,
+                       help="group-lasso weight, or 'auto': reach zero by the end of the soft phase")
+    train.add_argument("--auto-lam", type=float, default=d.auto_lam,
+                       help="instead: keep the penalty this fraction of the loss (PruneTrain-style)")
     train.add_argument("--importance", default=d.importance, choices=["accumulated", "batch", "magnitude"])
     train.add_argument("--window", type=int, default=d.window, help="mini-batches averaged for importance")
     train.add_argument("--library", default=d.library, choices=["generated", "frequency", "fixed"])

@@ -159,3 +159,18 @@ def test_bad_schedules_are_config_errors(kwargs, match):
     args = {"epochs": 4} | kwargs
     with pytest.raises(ct.ConfigError, match=match):
         ct.ClickTrain(m, opt, **args)
+
+
+def test_auto_lambda_shrinks_to_be_pruned_weights_during_the_soft_phase():
+    shares = {}
+    for lam in (0.0, "auto"):
+        m, opt, x, y = setup(connectivity=0.5)
+        pruner = ct.ClickTrain(m, opt, epochs=6, choose=1, hard=5, window=4, lam=lam)
+        for _ in range(4):
+            train_steps(m, opt, pruner, x, y, 12)
+            pruner.epoch_end()
+        assert pruner.phase == "soft"
+        assert (pruner.lam > 0) == (lam == "auto")
+        shares[lam] = sum(float((layer.weight.detach() * ~layer.mask.mask()).norm() / layer.weight.detach().norm())
+                          for layer in prunable_layers(m)) / len(prunable_layers(m))
+    assert shares["auto"] < 0.6 * shares[0.0]

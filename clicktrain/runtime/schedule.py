@@ -1,6 +1,6 @@
 """The ClickTrain schedule: prune while training, usable from any training loop.
 
-    pruner = ct.ClickTrain(model, optimizer, epochs=30, choose=0.2, hard=0.6, lam=1e-4)
+    pruner = ct.ClickTrain(model, optimizer, epochs=30, choose=0.2, hard=0.6, lam="auto")
     for epoch in range(30):
         for x, y in loader:
             loss = loss_fn(model(x), y)
@@ -32,6 +32,7 @@ from .masks import Phase
 from .selection import LIBRARIES, ramped_connectivity
 
 IMPORTANCE = ("accumulated", "batch", "magnitude")
+AUTO_LAMBDA_FACTOR = 10.0  # see ClickTrain._auto_lambda
 RAMPS = ("none", "layers", "epochs")
 
 
@@ -45,7 +46,7 @@ def _epoch_index(value, epochs: int, name: str) -> int:
 
 class ClickTrain:
     def __init__(self, model, optimizer: torch.optim.Optimizer, epochs: int, choose=0.2, hard=0.6,
-                 lam: float = 1e-4, auto_lam: float | None = None, eps: float = 1e-8,
+                 lam: float | str = "auto", auto_lam: float | None = None, eps: float = 1e-8,
                  importance: str = "accumulated", window: int = 32, library: str = "generated",
                  connectivity_ramp: str = "none"):
         self.model = model
@@ -64,11 +65,13 @@ class ClickTrain:
             raise ConfigError(f"ClickTrain library={library!r}; choose one of {LIBRARIES}")
         if connectivity_ramp not in RAMPS:
             raise ConfigError(f"ClickTrain connectivity_ramp={connectivity_ramp!r}; choose one of {RAMPS}")
-        if lam < 0 or (auto_lam is not None and not 0 < auto_lam < 1):
-            raise ConfigError(f"ClickTrain lam must be >= 0 and auto_lam in (0, 1), got {lam}, {auto_lam}")
+        if not (lam == "auto" or (isinstance(lam, (int, float)) and lam >= 0)) or \
+                (auto_lam is not None and not 0 < auto_lam < 1):
+            raise ConfigError(f"ClickTrain lam must be >= 0 or 'auto', and auto_lam in (0, 1), got {lam!r}, {auto_lam!r}")
         if not isinstance(window, int) or window < 1:
             raise ConfigError(f"ClickTrain window must be a positive integer, got {window!r}")
-        self.lam, self.auto_lam, self.eps = lam, auto_lam, eps
+        self.lam_mode = lam
+        self.lam, self.auto_lam, self.eps = (0.0 if lam == "auto" else float(lam)), auto_lam, eps
         self.importance_mode, self.window = importance, (1 if importance == "batch" else window)
         self.library_mode, self.connectivity_ramp = library, connectivity_ramp
         self.layers = prunable_layers(model)
@@ -109,7 +112,7 @@ class ClickTrain:
             started = time.perf_counter()
             self._accumulate()
             self.importance_seconds += time.perf_counter() - started
-        if self.phase == "soft" and (self.lam > 0 or self.auto_lam):
+        if self.phase == "soft" and (self.lam > 0 or self.auto_lam or self.lam_mode == "auto"):
             started = time.perf_counter()
             self._group_lasso_step(float(loss) if loss is not None else None)
             self.penalty_seconds += time.perf_counter() - started
@@ -133,6 +136,25 @@ class ClickTrain:
         """Weights to be pruned: the positions outside the pattern of kept kernels, and the
         whole of dropped kernels (one group per kernel either way)."""
         return ~layer.mask.mask()
+
+    @torch.no_grad()
+    def _auto_lambda(self) -> float:
+        """``lam="auto"``: the group-lasso step moves every group towards zero at ``lr * lam``
+        per step; pick ``lam`` so that, unopposed, a 90th-percentile group would reach zero in
+        the first tenth of the soft phase (at the current lr). The loss gradient opposes it:
+        measured on VGG-11/4 on Fashion-MNIST, reaching zero over the *whole* phase left
+        50-85 % of the to-be-pruned norm and hardening cost 63 points of test accuracy; ten
+        times that lam left 5-20 % and hardening cost 0 (0.830 -> 0.847). A loss-proportional
+        lam (``auto_lam``) spread over tens of thousands of groups barely moves them."""
+        norms = torch.cat([(layer.weight * self._groups(layer)).square().reshape(-1, 9).sum(-1).sqrt()
+                           for layer in self.layers])
+        norms = norms[norms > 0]
+        if norms.numel() == 0:
+            return 0.0
+        steps_per_epoch = max(1, self.steps // max(1, self.epoch))
+        soft_steps = max(1, (self.hard - self.epoch) * steps_per_epoch)
+        lr = self.optimizer.param_groups[0]["lr"]
+        return AUTO_LAMBDA_FACTOR * float(torch.quantile(norms.float()[:1_000_000], 0.9)) / (lr * soft_steps)
 
     @torch.no_grad()
     def _group_lasso_step(self, loss: float | None) -> None:
@@ -164,6 +186,8 @@ class ClickTrain:
             self._select(final=True)
         elif self.phase == "soft" and self.connectivity_ramp == "epochs":
             self._select(final=False)
+        elif self.phase == "soft" and self.lam_mode == "auto" and self.lam == 0:
+            self.lam = self._auto_lambda()  # selected before the first epoch: now steps/epoch is known
         self.history.append({"epoch": self.epoch, "phase": self.phase})
 
     def _connectivity(self, final: bool) -> list[float]:
@@ -191,16 +215,18 @@ class ClickTrain:
         self._score_steps = 0
         if final:
             harden(self.model)
+        elif self.lam_mode == "auto" and self.epoch > 0:
+            self.lam = self._auto_lambda()
 
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "steps": self.steps, "library": self.library,
+        return {"epoch": self.epoch, "steps": self.steps, "library": self.library, "lam": self.lam,
                 "scores": {k: v.clone() for k, v in self._scores.items()}, "score_steps": self._score_steps,
                 "importance_seconds": self.importance_seconds, "penalty_seconds": self.penalty_seconds,
                 "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.steps = state["epoch"], state["steps"]
+        self.epoch, self.steps, self.lam = state["epoch"], state["steps"], state["lam"]
         self.library = state["library"]
         self._scores = dict(state["scores"])
         self._score_steps = state["score_steps"]

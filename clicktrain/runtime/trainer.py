@@ -49,8 +49,8 @@ class TrainConfig:
     dense: bool = False           # train without pruning (the baseline)
     choose: float = 0.3
     hard: float = 0.6
-    lam: float = 0.0
-    auto_lam: float | None = 0.1
+    lam: float | str = "auto"
+    auto_lam: float | None = None
     importance: str = "accumulated"
     window: int = 32
     library: str = "generated"
