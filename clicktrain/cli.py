@@ -36,7 +36,7 @@ def _inspect(args) -> int:
 
 def _export(args) -> int:
     from .codegen.export import export_onnx, load_checkpoint
-    model, example = load_checkpoint(args.checkpoint, args.model, args.input_shape)
+    model, example = load_checkpoint(args.checkpoint, args.model, args.input_shape, args.num_classes)
     out = export_onnx(model, args.onnx, example, opset=args.opset, fold_batchnorm=args.fold_batchnorm)
     print(f"wrote {out}")
     return 0
@@ -84,10 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mixup", type=float, default=d.mixup, help="mixup alpha (0: off)")
     train.set_defaults(func=_train)
 
-    exp = sub.add_parser("export", help="export a checkpoint (from ct.export_torch) to ONNX")
-    exp.add_argument("checkpoint", help="file written by ct.export_torch, or a plain state_dict of --model")
+    exp = sub.add_parser("export", help="export a checkpoint to ONNX")
+    exp.add_argument("checkpoint", help="checkpoint.pt of `clicktrain train`, a file written by ct.export_torch, "
+                                        "or a plain state_dict of --model")
     exp.add_argument("--onnx", required=True, help="output .onnx path (written atomically)")
-    exp.add_argument("--model", required=True, help="vgg_small, vgg11, vgg13, resnet20, resnet32")
+    exp.add_argument("--model", default=None, help="vgg_small, vgg11, vgg13, resnet20, resnet32 "
+                                                  "(not needed for a `clicktrain train` checkpoint)")
     exp.add_argument("--input-shape", default="1,28,28", help="C,H,W of one input (default 1,28,28)")
     exp.add_argument("--num-classes", type=int, default=10)
     exp.add_argument("--opset", type=int, default=None)

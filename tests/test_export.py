@@ -155,3 +155,23 @@ def test_cli_export_round_trip(tmp_path, capsys):
     assert "does not fit --model resnet20" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "none.pt"), "--onnx", str(tmp_path / "r.onnx"), "--model", "vgg_small"]) == 2
     assert not (tmp_path / "r.onnx").exists()
+
+
+def test_cli_exports_a_trainer_checkpoint(tmp_path, capsys):
+    """`clicktrain export` takes `clicktrain train`'s checkpoint.pt as it is."""
+    from clicktrain.runtime.trainer import TrainConfig, Trainer
+    from clicktrain.runtime import trainer as trainer_module
+
+    x = torch.rand(256, 1, 12, 12)
+    y = (x.mean((1, 2, 3)) > 0.5).long()
+    data = (x[:200], y[:200], x[200:], y[200:], "synthetic")
+    cfg = TrainConfig(model="vgg_small", width=1.0, epochs=2, choose=1, hard=1, out=str(tmp_path / "run"), threads=1)
+    trainer = Trainer(cfg)
+    trainer._data = lambda: data
+    trainer.run()
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "run" / "checkpoint.pt"), "--onnx", str(out), "--input-shape", "1,12,12",
+                 "--num-classes", "2"]) == 0
+    text, ok = inspect_onnx(out)
+    assert ok and "pattern k=4" in text
+    assert trainer_module.CHECKPOINT == "checkpoint.pt"

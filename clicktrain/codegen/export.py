@@ -204,9 +204,28 @@ def export_torch(model: fx.GraphModule, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_checkpoint(path: str | os.PathLike, model_name: str, input_shape: str, num_classes: int = 10):
-    """Rebuild a compiled model from an ``export_torch`` file (pruning state restored and
-    hardened) or from a plain state_dict of the named model (exported dense)."""
+def _from_trainer_checkpoint(payload: dict, shape: tuple, num_classes: int):
+    """A ``clicktrain train`` checkpoint: rebuild its model and load the compiled state (masks,
+    pattern ids and phase included)."""
+    from ..api import compile_for_training
+    from ..runtime.trainer import TrainConfig, Trainer
+    cfg = TrainConfig(**{k: v for k, v in payload["config"].items() if k in TrainConfig.__dataclass_fields__})
+    model = Trainer(cfg)._model(shape[0], num_classes).eval()
+    example = torch.zeros(1, *shape)
+    m = compile_for_training(model, example, config=cfg.prune_config())
+    try:
+        m.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise ExportError(f"the trainer checkpoint does not fit its own model at input shape {shape} and "
+                          f"{num_classes} classes: {str(exc).splitlines()[0]}; pass the training data's "
+                          f"--input-shape and --num-classes", original=exc) from None
+    return m.eval(), example
+
+
+def load_checkpoint(path: str | os.PathLike, model_name: str | None, input_shape: str, num_classes: int = 10):
+    """Rebuild a compiled model from a ``clicktrain train`` checkpoint (model and pruning state
+    as trained), an ``export_torch`` file (pruning state restored and hardened) or a plain
+    state_dict of the named model (exported dense)."""
     from ..api import compile_for_training, harden
     from ..config import PruneConfig
     from ..models import build_model
@@ -217,13 +236,17 @@ def load_checkpoint(path: str | os.PathLike, model_name: str, input_shape: str, 
     except (ValueError, AssertionError):
         raise ExportError(f"--input-shape must be C,H,W (e.g. 1,28,28), got {input_shape!r}") from None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
     except FileNotFoundError:
         raise ExportError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}", original=exc) from None
     if not isinstance(payload, dict):
         raise ExportError(f"{path} holds a {type(payload).__name__}, not a state_dict or an export_torch checkpoint")
+    if {"model", "config", "optimizer"} <= payload.keys():
+        return _from_trainer_checkpoint(payload, shape, num_classes)
+    if model_name is None:
+        raise ExportError(f"{path} is not a `clicktrain train` checkpoint: pass --model to say which model it holds")
     is_ours = "state_dict" in payload and "clicktrain" in payload
     state_dict = payload["state_dict"] if is_ours else payload
     config = PruneConfig(**{k: tuple(v) if k == "skip" else v

@@ -203,7 +203,7 @@ class Trainer:
         state = {"epoch": epoch, "wall_seconds": wall, "metrics": metrics, "config": asdict(self.cfg),
                  "model": m.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "pruner": pruner.state_dict() if pruner else None,
-                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+                 "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state_out(), "python": random.getstate()}}
         atomic_write(self.out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
         def write_csv(tmp):
@@ -214,7 +214,7 @@ class Trainer:
         atomic_write(self.out / "metrics.csv", write_csv)
 
     def _load(self, m, opt, sched, pruner):
-        state = torch.load(self.out / CHECKPOINT, weights_only=False)
+        state = torch.load(self.out / CHECKPOINT, weights_only=True)  # tensors and plain data only
         saved = {k: v for k, v in state["config"].items() if k not in ("resume", "out", "threads")}
         current = {k: v for k, v in asdict(self.cfg).items() if k not in ("resume", "out", "threads")}
         if saved != current:
@@ -227,9 +227,20 @@ class Trainer:
         if pruner is not None:
             pruner.load_state_dict(state["pruner"])
         torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
+        _numpy_state_in(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
         return state["epoch"], state["wall_seconds"], state["metrics"]
+
+
+def _numpy_state_out() -> list:
+    """numpy's RNG state with its key array as a tensor, so checkpoints load with weights_only."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
+
+
+def _numpy_state_in(state: list) -> None:
+    name, keys, pos, has_gauss, cached = state
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def _as_epoch(value: float):
