@@ -105,3 +105,9 @@ def test_cli_train_reports_bad_input_clearly(tmp_path):
                            "--hard", "2", "--epochs", "6", "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_target_without_gpu_fails_fast(tmp_path):
+    with pytest.raises(ct.TargetError, match="needs a CUDA GPU"):
+        Trainer(TrainConfig(target="cuda", data=str(tmp_path), out=str(tmp_path / "o"))).run()

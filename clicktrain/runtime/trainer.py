@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..api import compile_for_training
 from ..config import PruneConfig
 from ..data import default_data_dir, load_dataset, normalize
-from ..errors import ConfigError, StateError
+from ..errors import ConfigError, StateError, TargetError
 from ..machine import cpu_description, set_threads
 from ..models import build_model
 from ..util import atomic_write, atomic_write_text
@@ -105,6 +105,10 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         threads = set_threads(cfg.threads)
+        device = torch.device("cuda" if cfg.target == "cuda" else "cpu")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TargetError("--target cuda needs a CUDA GPU and none is visible; use --target llvm (generated CPU "
+                              "kernels) or --target torch")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -115,7 +119,8 @@ class Trainer:
               f"{'dense baseline' if cfg.dense else 'ClickTrain'}")
         model = self._model(x_train.shape[1], num_classes)
         m = compile_for_training(model, x_train[:2], target=cfg.target, config=cfg.prune_config(),
-                                 debug_dir=self.out / "dump")
+                                 debug_dir=self.out / "dump").to(device)
+        x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
         steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
         total_steps = cfg.epochs * steps_per_epoch
         opt = torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -170,7 +175,7 @@ class Trainer:
     def _train_epoch(self, m, opt, sched, pruner, x, y, epoch):
         cfg = self.cfg
         m.train()
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).to(x.device)
         mix = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 7)
         total_loss, correct, seen = 0.0, 0, 0
         bar = tqdm(range(0, len(x), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
@@ -180,7 +185,7 @@ class Trainer:
             xb, yb = x[idx], y[idx]
             if cfg.mixup > 0:
                 lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
-                perm = torch.randperm(len(xb), generator=mix)
+                perm = torch.randperm(len(xb), generator=mix).to(x.device)
                 out = m(lam * xb + (1 - lam) * xb[perm])
                 loss = lam * F.cross_entropy(out, yb) + (1 - lam) * F.cross_entropy(out, yb[perm])
             else:
