@@ -102,7 +102,7 @@ class ClickTrain:
             return False
         if self.phase == "dense":
             return self.epoch == self.choose - 1
-        return self.phase == "soft" and (self.connectivity_ramp == "epochs" or self.epoch == self.hard - 1)
+        return self.phase == "soft" and self.connectivity_ramp == "epochs"
 
     # -- per step --------------------------------------------------------------------------
     def step(self, loss: torch.Tensor | float | None = None) -> None:
@@ -183,7 +183,13 @@ class ClickTrain:
         if self.epoch == self.choose and self.library is None:
             self._select(final=self.choose == self.hard)
         elif self.phase == "soft" and self.epoch == self.hard:
-            self._select(final=True)
+            if self.connectivity_ramp == "epochs":
+                self._select(final=True)  # the ramp reaches the target ratio here
+            else:
+                # apply the masks the soft phase has been emptying: re-selecting here would
+                # prune weights the group lasso never pulled down
+                from ..api import harden
+                harden(self.model)
         elif self.phase == "soft" and self.connectivity_ramp == "epochs":
             self._select(final=False)
         elif self.phase == "soft" and self.lam_mode == "auto" and self.lam == 0:
