@@ -40,6 +40,7 @@ class PatternMask(nn.Module):
         self.register_buffer("pattern_ids", torch.full((out_channels, in_channels), UNASSIGNED, dtype=torch.int16))
         self.phase = Phase.DENSE
         self._mask_cache: tuple[tuple, torch.Tensor] | None = None
+        self._pruned_cache: tuple[tuple, torch.Tensor] | None = None
 
     # -- state -----------------------------------------------------------------------------
     def get_extra_state(self):
@@ -77,6 +78,15 @@ class PatternMask(nn.Module):
                 mask = kernel_masks(self.library, self.pattern_ids)
             self._mask_cache = (key, mask)
         return self._mask_cache[1]
+
+    def pruned_float(self, dtype: torch.dtype) -> torch.Tensor:
+        """1.0 where the mask prunes, 0.0 where it keeps, as ``dtype`` (cached with the mask)."""
+        key = (self.state_key(), dtype)
+        cache = self._pruned_cache
+        if cache is None or cache[0] != key:
+            cache = (key, (~self.mask()).to(dtype))
+            self._pruned_cache = cache
+        return cache[1]
 
     @property
     def kept_kernels(self) -> int:

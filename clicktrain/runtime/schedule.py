@@ -132,11 +132,6 @@ class ClickTrain:
             self._scores[layer.site.name] = sample.clone() if acc is None else acc.lerp_(sample, beta)
         self._score_steps += 1
 
-    def _groups(self, layer):
-        """Weights to be pruned: the positions outside the pattern of kept kernels, and the
-        whole of dropped kernels (one group per kernel either way)."""
-        return ~layer.mask.mask()
-
     @torch.no_grad()
     def _auto_lambda(self) -> float:
         """``lam="auto"``: the group-lasso step moves every group towards zero at ``lr * lam``
@@ -146,7 +141,8 @@ class ClickTrain:
         50-85 % of the to-be-pruned norm and hardening cost 63 points of test accuracy; ten
         times that lam left 5-20 % and hardening cost 0 (0.830 -> 0.847). A loss-proportional
         lam (``auto_lam``) spread over tens of thousands of groups barely moves them."""
-        norms = torch.cat([(layer.weight * self._groups(layer)).square().reshape(-1, 9).sum(-1).sqrt()
+        # a group: the to-be-pruned weights of one kernel (outside its pattern, or all of a dropped kernel)
+        norms = torch.cat([(layer.weight * layer.mask.pruned_float(layer.weight.dtype)).square().reshape(-1, 9).sum(-1).sqrt()
                            for layer in self.layers])
         norms = norms[norms > 0]
         if norms.numel() == 0:
@@ -158,23 +154,25 @@ class ClickTrain:
 
     @torch.no_grad()
     def _group_lasso_step(self, loss: float | None) -> None:
-        """One descent step on lam * sum_g sqrt(||W_g||^2 + eps), at the optimizer's lr."""
+        """One descent step on lam * sum_g sqrt(||W_g||^2 + eps), at the optimizer's lr.
+        Few, fused tensor ops per layer and no host sync unless ``auto_lam`` needs the
+        penalty's value: this runs every step of the soft phase."""
         lr = self.optimizer.param_groups[0]["lr"]
-        norms, grads = [], []
+        steps = []
         for layer in self.layers:
             w = layer.weight
-            pruned = self._groups(layer)
-            wp = w * pruned
-            norm = (wp.square().reshape(*w.shape[:2], 9).sum(-1) + self.eps).sqrt()  # per kernel group
-            norms.append(norm.sum())
-            grads.append((layer, wp / norm[..., None, None]))
-        penalty = float(torch.stack(norms).sum()) if norms else 0.0
+            wp = w * layer.mask.pruned_float(w.dtype)
+            norm = wp.square().sum((2, 3), keepdim=True).add_(self.eps).sqrt_()  # one group per kernel
+            steps.append((w, wp.div_(norm), norm))
         lam = self.lam
-        if self.auto_lam is not None and loss is not None and penalty > 0:
-            lam = self.auto_lam * loss / penalty  # the penalty stays a fixed fraction of the loss
-        self.last_penalty, self.last_lam = penalty * lam, lam
-        for layer, grad in grads:
-            layer.weight.sub_(grad, alpha=lr * lam)
+        if self.auto_lam is not None and loss is not None:
+            penalty = float(sum(norm.sum() for _, _, norm in steps))
+            if penalty > 0:
+                lam = self.auto_lam * loss / penalty  # the penalty stays a fixed fraction of the loss
+            self.last_penalty = penalty * lam
+        self.last_lam = lam
+        for w, direction, _ in steps:
+            w.sub_(direction, alpha=lr * lam)
 
     # -- per epoch -------------------------------------------------------------------------
     def epoch_end(self) -> None:
