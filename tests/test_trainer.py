@@ -27,6 +27,10 @@ def test_train_learns_prunes_and_writes_outputs(tmp_path, fashion_dir):
     rows = (tmp_path / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 4 and rows[0].startswith("epoch,phase,loss")
     assert [r.split(",")[1] for r in rows[1:]] == ["soft", "hard", "hard"]
+    header = rows[0].split(",")
+    density = [float(r.split(",")[header.index("conv_density")]) for r in rows[1:]]
+    planned = [float(r.split(",")[header.index("planned_density")]) for r in rows[1:]]
+    assert density[0] == 1.0 and density[1] == density[2] == planned[0] < 0.3  # masks count once applied
     saved = json.loads((tmp_path / "final.json").read_text())
     assert {"test_accuracy", "compression_ratio", "conv_density", "wall_time_s"} <= saved.keys()
     assert saved["test_accuracy"] == final["test_accuracy"]

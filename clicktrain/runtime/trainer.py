@@ -144,9 +144,13 @@ class Trainer:
             epoch_seconds = time.perf_counter() - epoch_started
             test_acc = evaluate(m, x_test, y_test)
             report = pruning_report(m)
-            row = {"epoch": epoch + 1, "phase": pruner.phase if pruner else "dense", "loss": round(loss, 5),
+            phase = pruner.phase if pruner else "dense"
+            applied = phase == "hard"  # before that, chosen masks are a plan: the weights are all still there
+            row = {"epoch": epoch + 1, "phase": phase, "loss": round(loss, 5),
                    "train_accuracy": round(train_acc, 5), "test_accuracy": round(test_acc, 5),
-                   "conv_density": round(report.conv_density, 5), "compression_ratio": round(report.compression_ratio, 4),
+                   "conv_density": round(report.conv_density if applied else 1.0, 5),
+                   "compression_ratio": round(report.compression_ratio if applied else 1.0, 4),
+                   "planned_density": round(report.conv_density, 5),
                    "epoch_seconds": round(epoch_seconds, 3),
                    "wall_seconds": round(wall_before + time.perf_counter() - started, 3)}
             metrics.append(row)
