@@ -156,3 +156,23 @@ def test_report_counts_all_conv_weights(zoo_case):
     text = str(report)
     for layer in prunable_layers(m):
         assert layer.site.name in text
+
+
+def test_invariant_holds_across_the_guard_interval():
+    """The optimizer hook does a full pass only every REAPPLY_EVERY steps: zeros must hold in between."""
+    from clicktrain.runtime.masks import REAPPLY_EVERY
+    from zoo import BranchNet
+    x = torch.randn(4, 3, 10, 10)
+    m = compiled(BranchNet(), x, connectivity=0.3)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+    ct.select_patterns(m)
+    ct.harden(m)
+    for _ in range(REAPPLY_EVERY + 5):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+        assert_pattern_invariant(m)

@@ -113,9 +113,16 @@ class PatternMask(nn.Module):
 # -- keeping hardened parameters pruned through any optimizer ----------------------------
 # Gradients of pruned weights are zero (forward multiplies by the mask), but momentum or
 # other optimizer state accumulated before hardening would move them again. A global
-# optimizer step post-hook re-applies the mask to each hardened parameter and to the
-# optimizer state tensors of the same shape, so the invariant holds after every step.
+# optimizer step post-hook zeroes the pruned entries of each hardened parameter and of the
+# optimizer state tensors of its shape. Once both are zero, elementwise optimizers (SGD with
+# momentum/Nesterov/weight decay, Adam/AdamW, Adagrad, RMSprop) keep them zero, since a zero
+# gradient on a zero weight with zero state updates nothing. So the full pass runs on the
+# first step after hardening (or after a mask change) and then every REAPPLY_EVERY steps, as
+# a guard against optimizers that are not elementwise; the pass itself reads and writes every
+# weight and state tensor, which is measurable on large models.
+REAPPLY_EVERY = 50
 _hardened = WeakIdKeyDictionary()  # Parameter -> weakref to its PatternMask (keys by identity)
+_applied = WeakIdKeyDictionary()   # optimizer -> {(id(param), mask state): steps since the last full pass}
 _hook_handle = None
 
 
@@ -134,6 +141,9 @@ def register_hardened(param: nn.Parameter, mask_module: PatternMask) -> None:
 
 
 def _reapply_masks(optimizer, args, kwargs) -> None:
+    seen = _applied.get(optimizer)
+    if seen is None:
+        seen = _applied[optimizer] = {}
     with torch.no_grad():
         for group in optimizer.param_groups:
             for param in group["params"]:
@@ -141,6 +151,12 @@ def _reapply_masks(optimizer, args, kwargs) -> None:
                 owner = ref() if ref is not None else None
                 if owner is None or owner.phase is not Phase.HARD:
                     continue
+                key = (id(param), owner.state_key())
+                since = seen.get(key)
+                if since is not None and since < REAPPLY_EVERY:
+                    seen[key] = since + 1
+                    continue
+                seen[key] = 1
                 pruned = ~owner.mask()
                 param.masked_fill_(pruned, 0)
                 for value in optimizer.state.get(param, {}).values():
