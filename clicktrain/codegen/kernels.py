@@ -200,11 +200,3 @@ class LayerIndex:
         if key not in self.zero_bias:
             self.zero_bias[key] = torch.zeros(channels, dtype=torch.float32, device=like.device)
         return self.zero_bias[key]
-
-
-def flops_per_sample(geom: ConvGeometry, kept_weights: int) -> tuple[int, int]:
-    """(dense, pattern) multiply-adds x2 of one forward pass for one sample."""
-    pixels = geom.out_h * geom.out_w
-    return 2 * geom.out_channels * geom.in_channels * 9 * pixels, 2 * kept_weights * pixels
-
-
