@@ -13,16 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..passes.conv_sites import pair
 from ..passes.reorder import FilterKernelLayout
 from ..patterns import pattern_offsets
 from .cache import compile_cached
 from .target import KernelTarget, cuda_available
 from .templates import (DirectConvSpec, GradWeightSpec, direct_conv_cuda, direct_conv_llvm, grad_weight_cuda,
                         grad_weight_llvm)
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
 def _round_up(v: int, m: int) -> int:
@@ -41,13 +38,13 @@ class ConvGeometry:
 
     @classmethod
     def of(cls, weight_shape, input_hw, stride, padding, dilation) -> "ConvGeometry":
-        stride, dilation = _pair(stride), _pair(dilation)
+        stride, dilation = pair(stride), pair(dilation)
         if padding == "valid":
             padding = (0, 0)
         elif padding == "same":
             padding = (dilation[0], dilation[1])  # 3x3, stride 1: d on each side
         return cls(int(weight_shape[1]), int(weight_shape[0]), int(input_hw[0]), int(input_hw[1]),
-                   stride, _pair(padding), dilation)
+                   stride, pair(padding), dilation)
 
     @property
     def out_h(self) -> int:
@@ -179,6 +176,8 @@ class LayerIndex:
     gw_channel: torch.Tensor
     gw_dst: torch.Tensor
     gw_pattern_ptr: torch.Tensor
+    fwd_weight_index: torch.Tensor   # (K, k) flat indices into the dense weight, on the device
+    bwd_weight_index: torch.Tensor   # the same in grad-input (transposed) order
     zero_bias: dict = field(default_factory=dict)
 
     @classmethod
@@ -193,7 +192,8 @@ class LayerIndex:
             return t.to(device=device, dtype=torch.int32).contiguous()
         return cls(fwd, bwd, i32(fwd.pattern_ptr()), i32(fwd.kernel_channel), i32(fwd.perm),
                    i32(bwd.pattern_ptr()), i32(bwd.kernel_channel), i32(bwd.perm),
-                   i32(fwd.kernel_filter[order]), i32(fwd.kernel_channel[order]), i32(order), i32(pattern_ptr))
+                   i32(fwd.kernel_filter[order]), i32(fwd.kernel_channel[order]), i32(order), i32(pattern_ptr),
+                   fwd.weight_index.to(device), bwd.weight_index.to(device))
 
     def bias_zeros(self, channels: int, like: torch.Tensor) -> torch.Tensor:
         key = (channels, like.device)

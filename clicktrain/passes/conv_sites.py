@@ -46,8 +46,9 @@ def replace_node(gm: fx.GraphModule, old: fx.Node, new: fx.Node, **meta) -> None
     gm.graph.erase_node(old)
 
 
-def _pair(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+def pair(v) -> tuple[int, int]:
+    """A conv hyper-parameter given as an int or a pair, as a pair of ints."""
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
 @dataclass
@@ -83,5 +84,5 @@ class ConvSite:
         return f"{o}x{c}x{kh}x{kw}"
 
     def describe_conv(self) -> str:
-        pad = self.padding if isinstance(self.padding, str) else "x".join(map(str, _pair(self.padding)))
-        return f"s{'x'.join(map(str, _pair(self.stride)))} p{pad} d{'x'.join(map(str, _pair(self.dilation)))}"
+        pad = self.padding if isinstance(self.padding, str) else "x".join(map(str, pair(self.padding)))
+        return f"s{'x'.join(map(str, pair(self.stride)))} p{pad} d{'x'.join(map(str, pair(self.dilation)))}"

@@ -62,7 +62,7 @@ class LayerRunner:
 
     def forward_generated(self, xpad, weight, bias):
         g, plan, idx = self.geometry, self.kernels.plan, self.index
-        wc = weight.detach().reshape(-1)[idx.fwd_layout.weight_index.to(weight.device)].contiguous()
+        wc = weight.detach().reshape(-1)[idx.fwd_weight_index].contiguous()
         out = torch.empty(xpad.shape[0], g.out_channels, plan.forward.out_h, plan.forward.out_w, device=xpad.device)
         b = bias.detach().float().contiguous() if bias is not None else idx.bias_zeros(g.out_channels, xpad)
         _call(self.kernels.forward, xpad, wc, idx.fwd_ptr, idx.fwd_src, idx.fwd_perm, b, out)
@@ -92,7 +92,7 @@ class LayerRunner:
         else:
             up = dout
         upad = _pad_to(up, 2 * dh - g.padding[0], 2 * dw - g.padding[1], *plan.gi_in)
-        wt = weight.detach().reshape(-1)[idx.bwd_layout.weight_index.to(weight.device)].contiguous()
+        wt = weight.detach().reshape(-1)[idx.bwd_weight_index].contiguous()
         dx = torch.empty(dout.shape[0], g.in_channels, plan.grad_input.out_h, plan.grad_input.out_w, device=dout.device)
         _call(self.kernels.grad_input, upad, wt, idx.bwd_ptr, idx.bwd_src, idx.bwd_perm,
               idx.bias_zeros(g.in_channels, dout), dx)
@@ -101,23 +101,22 @@ class LayerRunner:
         return dx
 
     def grad_weight(self, dout, x, xpad, weight):
+        """Dense gradient holding the kept weights' gradients and exact zeros elsewhere."""
         plan, idx, g = self.kernels.plan, self.index, self.geometry
-        weight_index = idx.fwd_layout.weight_index.to(weight.device).reshape(-1)
         if not self.use["grad_weight"]:
             full = torch.ops.aten.convolution_backward(
                 dout, x, weight.detach(), None, list(g.stride), list(g.padding), list(g.dilation), False, [0, 0], 1,
                 [False, True, False])[1]
-            dense = torch.zeros(weight.numel(), device=weight.device, dtype=weight.dtype)
-            dense[weight_index] = full.reshape(-1)[weight_index]  # kept weights only, as the kernel does
-            return dense.view_as(weight)
-        if xpad is None:
-            xpad = self.pad_input(x)
-        dpad = F.pad(dout, (0, plan.grad_weight.out_w - dout.shape[-1])).contiguous()
-        compact = torch.empty(idx.fwd_layout.kept_kernels, plan.forward.k, device=dout.device)
-        _call(self.kernels.grad_weight, dpad, xpad, idx.gw_filter, idx.gw_channel, idx.gw_dst,
-              idx.gw_pattern_ptr, compact)
+            kept = full.reshape(-1)[idx.fwd_weight_index]  # kept weights only, as the kernel does
+        else:
+            if xpad is None:
+                xpad = self.pad_input(x)
+            dpad = F.pad(dout, (0, plan.grad_weight.out_w - dout.shape[-1])).contiguous()
+            kept = torch.empty(idx.fwd_layout.kept_kernels, plan.forward.k, device=dout.device)
+            _call(self.kernels.grad_weight, dpad, xpad, idx.gw_filter, idx.gw_channel, idx.gw_dst,
+                  idx.gw_pattern_ptr, kept)
         dense = torch.zeros(weight.numel(), device=weight.device, dtype=weight.dtype)
-        dense[weight_index] = compact.reshape(-1).to(weight.dtype)
+        dense[idx.fwd_weight_index.reshape(-1)] = kept.reshape(-1).to(weight.dtype)
         return dense.view_as(weight)
 
     # -- measured choice -------------------------------------------------------------------
