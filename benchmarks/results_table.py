@@ -29,13 +29,13 @@ def main(dirs: list[str]) -> None:
         cfg = final["config"]
         steps = sum(1 for _ in range(0, cfg.get("train_subset") or 60000, cfg["batch_size"])) * final["epochs"]
         rows.append([
-            d.name, "dense" if cfg["dense"] else f"{cfg['importance']} / {cfg['library']}",
+            d.name, cfg.get("method", "clicktrain") if cfg.get("method", "clicktrain") != "clicktrain" else f"{cfg['importance']} / {cfg['library']}",
             f"{100 * final['test_accuracy']:.2f}",
             f"{100 * float(before_hard[-1]['test_accuracy']):.2f}" if before_hard and hard else "-",
             f"{100 * float(hard[0]['test_accuracy']):.2f}" if hard else "-",
             f"{final['compression_ratio']:.2f}x", f"{final['wall_time_s']:.0f}", f"{final['train_seconds']:.0f}",
-            f"{1e3 * final['importance_overhead_s'] / steps:.2f}" if not cfg["dense"] else "-",
-            f"{1e3 * final['penalty_overhead_s'] / steps:.2f}" if not cfg["dense"] else "-",
+            f"{1e3 * final['importance_overhead_s'] / steps:.2f}" if cfg.get("method", "clicktrain") == "clicktrain" else "-",
+            f"{1e3 * final['penalty_overhead_s'] / steps:.2f}" if cfg.get("method", "clicktrain") == "clicktrain" else "-",
         ])
     header = ["run", "importance / library", "final test acc %", "acc before hard %", "acc after 1st hard epoch %",
               "conv CR", "wall s", "train s", "importance ms/step (avg)", "group-lasso ms/step (avg)"]

@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=d.out)
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--threads", type=int, default=None)
-    train.add_argument("--dense", action="store_true", help="train without pruning (the baseline)")
+    from .runtime.trainer import METHODS
+    train.add_argument("--method", default=d.method, choices=sorted(METHODS),
+                       help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
+    train.add_argument("--dense", dest="method", action="store_const", const="dense",
+                       help="same as --method dense: train without pruning (the baseline)")
     train.add_argument("--choose", type=float, default=d.choose, help="epoch (or fraction) where patterns are selected")
     train.add_argument("--hard", type=float, default=d.hard, help="epoch (or fraction) where masks are applied")
     train.add_argument("--lam", type=_lam, default=d.lam,
@@ -82,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--connectivity", type=float, default=d.connectivity, help="fraction of kernels dropped per layer")
     train.add_argument("--connectivity-ramp", default=d.connectivity_ramp, choices=["none", "layers", "epochs"])
     train.add_argument("--mixup", type=float, default=d.mixup, help="mixup alpha (0: off)")
+    train.add_argument("--admm-split", default=d.admm_split, help="ADMM: pretrain:admm:retrain epoch ratio")
+    train.add_argument("--admm-rho", default=d.admm_rho, help="ADMM: rho start:end (geometric over the ADMM stage)")
+    train.add_argument("--finetune-lr", type=float, default=d.finetune_lr,
+                       help="ADMM: peak lr of the ADMM and retrain stages, times --lr")
+    train.add_argument("--penalty-ratio", type=float, default=d.penalty_ratio,
+                       help="PruneTrain: group-lasso penalty as a fraction of the initial loss")
+    train.add_argument("--reconfigure-every", type=int, default=d.reconfigure_every,
+                       help="PruneTrain: epochs between channel removals (0: epochs // 10)")
     train.set_defaults(func=_train)
 
     exp = sub.add_parser("export", help="export a checkpoint to ONNX")

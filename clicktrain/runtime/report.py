@@ -97,3 +97,72 @@ def pruning_report(gm: fx.GraphModule) -> PruningReport:
             phase=mask.phase.name if mask is not None else "-",
             kernels=o * c, kept_kernels=kept_k, patterns_used=used, weights=site.num_weights, kept_weights=kept_w))
     return PruningReport(rows, library, dict(state.compile_seconds))
+
+
+@dataclass
+class ModelCosts:
+    """What a model costs as it stands, per sample (see :func:`model_costs`)."""
+
+    conv_weights: int        # of the model as first built (the reference for compression)
+    kept_conv_weights: int
+    parameters: int          # all parameters minus pruned conv weights
+    flops: int               # forward FLOPs per sample of convs and linear layers (2 per multiply-add)
+
+    @property
+    def conv_density(self) -> float:
+        return self.kept_conv_weights / max(1, self.conv_weights)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.conv_weights / max(1, self.kept_conv_weights)
+
+
+def conv_positions(model: torch.nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Output positions (H*W) of every ``nn.Conv2d`` of a plain model, from one forward."""
+    sizes, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            handles.append(module.register_forward_hook(
+                lambda mod, args, out, name=name: sizes.__setitem__(name, out.shape[2] * out.shape[3])))
+    try:
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            model(example[:1])
+            model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    return sizes
+
+
+def _linear_flops(model: torch.nn.Module) -> int:
+    return sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def model_costs(model: torch.nn.Module, applied: bool = True, positions: dict[str, int] | None = None,
+                reference_conv_weights: int | None = None) -> ModelCosts:
+    """Conv weights, kept weights, parameters and forward FLOPs of ``model``.
+
+    A model from ``compile_for_training`` counts its masks once ``applied`` (before that the
+    selected patterns are a plan, every weight still trains). A plain model counts what it has
+    (``positions`` from :func:`conv_positions`); ``reference_conv_weights`` is its conv weight
+    count as first built, for models that shrink (PruneTrain)."""
+    params = sum(p.numel() for p in model.parameters())
+    if hasattr(model, "_clicktrain"):
+        state = compile_state(model)
+        report = pruning_report(model)
+        total = report.conv_weights
+        kept = report.kept_conv_weights if applied else total
+        flops = 0
+        for row in report.layers:
+            shape = state.sites[row.name].output_shape
+            positions_here = int(shape[2] * shape[3]) if shape is not None else 1
+            flops += 2 * (row.kept_weights if applied else row.weights) * positions_here
+        return ModelCosts(total, kept, params - (total - kept), flops + _linear_flops(model))
+    if positions is None:
+        raise ValueError("model_costs of a plain model needs positions=conv_positions(model, example)")
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    kept = sum(m.weight.numel() for m in convs.values())
+    flops = sum(2 * m.weight.numel() * positions[name] for name, m in convs.items())
+    return ModelCosts(reference_conv_weights or kept, kept, params, flops + _linear_flops(model))

@@ -95,6 +95,11 @@ class ClickTrain:
             return "hard"
         return "soft" if self.library is not None else "dense"
 
+    @property
+    def applied(self) -> bool:
+        """True once the model runs pruned (before that, selected patterns are a plan)."""
+        return self.phase == "hard"
+
     def _collecting(self) -> bool:
         """Importance is gathered in the epoch before a selection (and through the soft phase
         when the epoch ramp re-selects): nowhere else, so it costs nothing elsewhere."""

@@ -24,7 +24,7 @@ from ..errors import ConfigError, StateError, TargetError
 from ..machine import cpu_description, set_threads
 from ..models import build_model
 from ..util import atomic_write, atomic_write_text
-from .report import pruning_report
+from .report import conv_positions, model_costs, pruning_report
 from .schedule import ClickTrain
 
 CHECKPOINT = "checkpoint.pt"
@@ -46,7 +46,7 @@ class TrainConfig:
     out: str = "runs/train"
     resume: bool = False
     threads: int | None = None
-    dense: bool = False           # train without pruning (the baseline)
+    method: str = "clicktrain"    # clicktrain | dense | admm | prunetrain (see METHODS)
     choose: float = 0.3
     hard: float = 0.6
     lam: float | str = "auto"
@@ -59,10 +59,34 @@ class TrainConfig:
     connectivity: float = 0.75
     connectivity_ramp: str = "none"
     mixup: float = 0.0
+    admm_split: str = "190:120:60"  # pretrain : ADMM : retrain, scaled to the epochs
+    admm_rho: str = "1e-3:1e-1"     # rho's geometric ramp over the ADMM stage
+    finetune_lr: float = 0.1        # peak lr of the ADMM and retrain stages, as a fraction of lr
+    penalty_ratio: float = 0.2      # PruneTrain: group-lasso penalty / loss at the start
+    reconfigure_every: int = 0      # PruneTrain: epochs between channel removals (0: epochs // 10)
+    penalty_budget: bool = True     # PruneTrain: scale lam to its original 182-epoch schedule's reach
     extra: dict = field(default_factory=dict)
 
     def prune_config(self) -> PruneConfig:
         return PruneConfig(pattern_nnz=self.pattern_nnz, num_patterns=self.num_patterns, connectivity=self.connectivity)
+
+
+METHODS = {
+    "clicktrain": "prune while training (the ClickTrain schedule)",
+    "dense": "the same model trained without pruning",
+    "admm": "pruning after training: dense pretraining, ADMM, hard prune, retrain (PatDNN)",
+    "prunetrain": "channel group lasso with periodic physical channel removal (PruneTrain)",
+}
+
+
+def _ratio(text: str, name: str, count: int) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in str(text).split(":"))
+    except ValueError:
+        values = ()
+    if len(values) != count:
+        raise ConfigError(f"{name}={text!r}: expected {count} numbers separated by ':'")
+    return values
 
 
 def _build_user_model(spec: str, in_channels: int, num_classes: int):
@@ -114,22 +138,37 @@ class Trainer:
         np.random.seed(cfg.seed)
         x_train, y_train, x_test, y_test, fmt = self._data()
         num_classes = int(max(y_train.max(), y_test.max())) + 1
+        if cfg.method not in METHODS:
+            raise ConfigError(f"--method {cfg.method!r}; choose one of {sorted(METHODS)}")
         print(f"clicktrain train | CPU: {cpu_description()} | threads {threads} | data {fmt} "
               f"{tuple(x_train.shape)} -> {num_classes} classes | model {cfg.model} | target {cfg.target} | "
-              f"{'dense baseline' if cfg.dense else 'ClickTrain'}")
+              f"method {cfg.method}: {METHODS[cfg.method]}")
         model = self._model(x_train.shape[1], num_classes)
-        m = compile_for_training(model, x_train[:2], target=cfg.target, config=cfg.prune_config(),
-                                 debug_dir=self.out / "dump").to(device)
+        example = x_train[:2]
+        if cfg.method in ("dense", "prunetrain"):  # plain modules: nothing to mask, PruneTrain reshapes them
+            m = model.to(device)
+            positions = conv_positions(m, example.to(device))
+        else:
+            m = compile_for_training(model, example, target=cfg.target, config=cfg.prune_config(),
+                                     debug_dir=self.out / "dump").to(device)
+            positions = None
+        reference_weights = model_costs(m, positions=positions).conv_weights
         x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
         steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-        total_steps = cfg.epochs * steps_per_epoch
         opt = torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                               nesterov=True)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
-        pruner = None if cfg.dense else ClickTrain(
-            m, opt, epochs=cfg.epochs, choose=_as_epoch(cfg.choose), hard=_as_epoch(cfg.hard), lam=cfg.lam,
-            auto_lam=cfg.auto_lam or None,
-            importance=cfg.importance, window=cfg.window, library=cfg.library, connectivity_ramp=cfg.connectivity_ramp)
+        segments = [(0, cfg.epochs, 1.0)]
+        if cfg.method == "admm":
+            from ..baselines import ADMM
+            segments = ADMM.lr_segments_for(cfg.epochs, _ratio(cfg.admm_split, "admm_split", 3), cfg.finetune_lr)
+        lr_factor = cosine_segments(segments, steps_per_epoch)
+        lr_steps = cfg.lr * sum(lr_factor(s) for s in range(cfg.epochs * steps_per_epoch))
+        pruner = self._pruner(m, opt, example.to(device), lr_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+
+        def costs():
+            return model_costs(m, applied=pruner is None or pruner.applied, positions=positions,
+                               reference_conv_weights=reference_weights)
         metrics: list[dict] = []
         start_epoch, wall_before = 0, 0.0
         if cfg.resume and (self.out / CHECKPOINT).exists():
@@ -138,43 +177,75 @@ class Trainer:
         started = time.perf_counter()
         for epoch in range(start_epoch, cfg.epochs):
             epoch_started = time.perf_counter()
+            phase = pruner.phase if pruner else "dense"  # the phase this epoch trains in
+            step_flops = 3 * costs().flops  # forward + grad-input + grad-weight, per sample
             loss, train_acc = self._train_epoch(m, opt, sched, pruner, x_train, y_train, epoch)
             if pruner is not None:
                 pruner.epoch_end()
             epoch_seconds = time.perf_counter() - epoch_started
             test_acc = evaluate(m, x_test, y_test)
-            report = pruning_report(m)
-            phase = pruner.phase if pruner else "dense"
-            applied = phase == "hard"  # before that, chosen masks are a plan: the weights are all still there
-            row = {"epoch": epoch + 1, "phase": phase, "loss": round(loss, 5),
+            now = costs()
+            planned = pruning_report(m).conv_density if hasattr(m, "_clicktrain") else now.conv_density
+            row = {"epoch": epoch + 1, "phase": phase, "phase_after": pruner.phase if pruner else "dense",
+                   "loss": round(loss, 5),
                    "train_accuracy": round(train_acc, 5), "test_accuracy": round(test_acc, 5),
-                   "conv_density": round(report.conv_density if applied else 1.0, 5),
-                   "compression_ratio": round(report.compression_ratio if applied else 1.0, 4),
-                   "planned_density": round(report.conv_density, 5),
+                   "conv_density": round(now.conv_density, 5),
+                   "compression_ratio": round(now.compression_ratio, 4),
+                   "planned_density": round(planned, 5),
+                   "train_flops": float(step_flops * len(x_train)),
                    "epoch_seconds": round(epoch_seconds, 3),
                    "wall_seconds": round(wall_before + time.perf_counter() - started, 3)}
             metrics.append(row)
             tqdm.write(" | ".join(f"{k} {v}" for k, v in row.items()))
             self._save(m, opt, sched, pruner, epoch + 1, row["wall_seconds"], metrics)
-        report = pruning_report(m)
+        now = costs()
+        phase_seconds: dict[str, float] = {}
+        for r in metrics:
+            phase_seconds[r["phase"]] = round(phase_seconds.get(r["phase"], 0.0) + r["epoch_seconds"], 3)
         final = {
-            "test_accuracy": metrics[-1]["test_accuracy"], "compression_ratio": report.compression_ratio,
-            "conv_density": report.conv_density, "wall_time_s": metrics[-1]["wall_seconds"],
-            "train_seconds": sum(r["epoch_seconds"] for r in metrics), "epochs": cfg.epochs,
-            "phase": metrics[-1]["phase"], "model": cfg.model, "data_format": fmt, "cpu": cpu_description(),
+            "method": cfg.method, "target": cfg.target,
+            "test_accuracy": metrics[-1]["test_accuracy"], "compression_ratio": now.compression_ratio,
+            "conv_density": now.conv_density, "wall_time_s": metrics[-1]["wall_seconds"],
+            "train_seconds": sum(r["epoch_seconds"] for r in metrics), "phase_seconds": phase_seconds,
+            "train_flops": sum(r["train_flops"] for r in metrics), "inference_flops": now.flops,
+            "kept_parameters": now.parameters, "conv_weights": now.conv_weights,
+            "kept_conv_weights": now.kept_conv_weights, "epochs": cfg.epochs,
+            "phase": metrics[-1]["phase_after"], "model": cfg.model, "data_format": fmt, "cpu": cpu_description(),
             "threads": threads, "config": asdict(cfg),
-            "importance_overhead_s": pruner.importance_seconds if pruner else 0.0,
-            "penalty_overhead_s": pruner.penalty_seconds if pruner else 0.0,
-            "library": report.library, "layers": report.as_dict()["layers"],
+            "importance_overhead_s": getattr(pruner, "importance_seconds", 0.0),
+            "penalty_overhead_s": getattr(pruner, "penalty_seconds", 0.0),
         }
+        if hasattr(m, "_clicktrain"):
+            report = pruning_report(m)
+            final.update(library=report.library, layers=report.as_dict()["layers"])
+        elif pruner is not None:
+            final.update(channels=[len(k) for k in pruner.kept], removed_channels=pruner.removed_channels)
         atomic_write_text(self.out / "final.json", json.dumps(final, indent=2, default=str) + "\n")
-        plot_metrics(metrics, self.out / "plot.png", title=f"{cfg.model} ({'dense' if cfg.dense else 'ClickTrain'})")
+        plot_metrics(metrics, self.out / "plot.png", title=f"{cfg.model} ({cfg.method})")
         print()
-        print(report)
+        if hasattr(m, "_clicktrain"):
+            print(report)
         print(f"\nfinal test accuracy {final['test_accuracy']:.4f} (the pruned model after the last epoch) | "
               f"conv compression {final['compression_ratio']:.2f}x | wall {final['wall_time_s']:.1f} s")
         print(f"wrote {self.out}/final.json, metrics.csv, plot.png, {CHECKPOINT}")
         return final
+
+    def _pruner(self, m, opt, example, lr_steps: float):
+        cfg = self.cfg
+        if cfg.method == "clicktrain":
+            return ClickTrain(m, opt, epochs=cfg.epochs, choose=_as_epoch(cfg.choose), hard=_as_epoch(cfg.hard),
+                              lam=cfg.lam, auto_lam=cfg.auto_lam or None, importance=cfg.importance,
+                              window=cfg.window, library=cfg.library, connectivity_ramp=cfg.connectivity_ramp)
+        if cfg.method == "admm":
+            from ..baselines import ADMM
+            return ADMM(m, opt, cfg.epochs, split=_ratio(cfg.admm_split, "admm_split", 3),
+                        rho=_ratio(cfg.admm_rho, "admm_rho", 2), finetune_lr=cfg.finetune_lr)
+        if cfg.method == "prunetrain":
+            from ..baselines import PruneTrain
+            return PruneTrain(m, opt, cfg.epochs, example, penalty_ratio=cfg.penalty_ratio,
+                              reconfigure_every=cfg.reconfigure_every or None,
+                              lr_steps=lr_steps if cfg.penalty_budget else None)
+        return None
 
     def _train_epoch(self, m, opt, sched, pruner, x, y, epoch):
         cfg = self.cfg
@@ -230,6 +301,8 @@ class Trainer:
             diff = {k: (saved.get(k), current.get(k)) for k in saved if saved.get(k) != current.get(k)}
             raise StateError(f"--resume: {self.out / CHECKPOINT} was written with different settings {diff}; "
                              f"use the same arguments or another --out")
+        if hasattr(pruner, "restore_architecture"):
+            pruner.restore_architecture(state["pruner"])  # PruneTrain: shrink to the saved channels first
         m.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -250,6 +323,19 @@ def _numpy_state_out() -> list:
 def _numpy_state_in(state: list) -> None:
     name, keys, pos, has_gauss, cached = state
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def cosine_segments(segments: list[tuple[int, int, float]], steps_per_epoch: int):
+    """The lr factor per step: a cosine from ``peak`` to 0 over each ``(first, end, peak)``
+    epoch range (one range: plain cosine annealing; ADMM restarts it per stage)."""
+    bounds = [(a * steps_per_epoch, b * steps_per_epoch, peak) for a, b, peak in segments if b > a]
+
+    def factor(step: int) -> float:
+        for first, end, peak in bounds:
+            if step < end:
+                return peak * 0.5 * (1 + math.cos(math.pi * (step - first) / (end - first)))
+        return 0.0
+    return factor
 
 
 def _as_epoch(value: float):
