@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import ClicktrainError
@@ -114,8 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _passive_openmp_for_llvm(args, argv) -> None:
+    """``--target llvm``: torch's OpenMP workers must wait passively, or they spin on the cores
+    TVM's thread pool needs (measured up to 3x slower kernels, docs/performance.md). The policy
+    is read when torch loads, so a command-line run restarts itself once with it set."""
+    if argv is None and getattr(args, "target", None) == "llvm" and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, [sys.executable, "-m", "clicktrain.cli", *sys.argv[1:]])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _passive_openmp_for_llvm(args, argv)
     try:
         return args.func(args)
     except ClicktrainError as exc:
