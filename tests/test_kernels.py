@@ -45,7 +45,10 @@ GRID = [
     (2, 4, 4, 7, 7, (2, 1), (0, 1), (1, 2), 0.25, True),  # per-axis stride/padding/dilation
     (2, 17, 24, 28, 28, 1, 1, 1, 0.0, False),   # 28-wide rows, 17 channels
     (2, 12, 10, 6, 5, 1, 0, 1, 0.9, True),      # no padding, almost everything dropped
-    (4, 32, 32, 7, 7, 1, 1, 1, 0.5, True),      # narrow maps
+    (4, 32, 32, 7, 7, 1, 1, 1, 0.5, True),      # narrow maps (grad-weight in the chwn layout)
+    (3, 16, 24, 4, 4, 1, 1, 1, 0.5, True),      # tiny maps: all three kernels chwn
+    (17, 6, 10, 2, 3, 1, 1, 1, 0.0, False),     # batch not a multiple of the vector width
+    (2, 8, 16, 8, 8, 2, 1, 1, 0.25, True),      # forward chwn (4x4 out), grad-input nchw (8x8)
 ]
 
 
@@ -73,6 +76,26 @@ def test_forward_and_gradients_match_masked_dense_conv(case):
     assert float(weight.grad[~kept].abs().sum()) == 0.0  # only kept weights get gradients
     if with_bias:
         assert rel_err(bias.grad, b_ref.grad) < 1e-4
+
+
+@pytest.mark.parametrize("simd", [8, 16])
+def test_layout_choice_per_kernel_kind(simd):
+    """Expected layouts: batch-in-lanes (chwn) forward/grad-input only on rows of <= 4,
+    grad-weight up to half a vector; the grid above covers each mix."""
+    from clicktrain.codegen.kernels import ConvGeometry, plan_kernels
+    from clicktrain.codegen.target import KernelTarget
+    cpu = KernelTarget("llvm", (), "test", simd)
+    library = generate_library({"w": torch.rand(8, 8, 3, 3)}, 4, 8)
+
+    def layouts(h, stride):
+        plan = plan_kernels(ConvGeometry.of((8, 8, 3, 3), (h, h), stride, 1, 1), library, cpu)
+        return tuple(spec.layout for spec in plan.specs)
+    assert layouts(4, 1) == ("chwn", "chwn", "chwn")
+    assert layouts(8, 2) == ("chwn", "nchw", "chwn")
+    assert layouts(7, 1) == ("nchw", "nchw", "chwn" if simd == 16 else "nchw")
+    assert layouts(28, 1) == ("nchw", "nchw", "nchw")
+    plan = plan_kernels(ConvGeometry.of((8, 8, 3, 3), (4, 4), 1, 1, 1), library, cpu)
+    assert plan.forward.lanes == simd and plan.forward.out_w == 4 and plan.forward.out_h % plan.forward.rows == 0
 
 
 @pytest.fixture(autouse=True)

@@ -18,8 +18,8 @@ from ..passes.reorder import FilterKernelLayout
 from ..patterns import pattern_offsets
 from .cache import compile_cached
 from .target import KernelTarget, cuda_available
-from .templates import (DirectConvSpec, GradWeightSpec, direct_conv_cuda, direct_conv_llvm, grad_weight_cuda,
-                        grad_weight_llvm)
+from .templates import (DirectConvSpec, GradWeightSpec, direct_conv_chwn_llvm, direct_conv_cuda, direct_conv_llvm,
+                        grad_weight_chwn_llvm, grad_weight_cuda, grad_weight_llvm)
 
 
 def _round_up(v: int, m: int) -> int:
@@ -84,9 +84,47 @@ class KernelPlan:
         return (self.forward, self.grad_input, self.grad_weight)
 
 
+
 def choose_rows(lanes: int) -> int:
     """Rows of the register tile: 4, or 8 when rows are narrow (measured best on 7- and 14-wide maps)."""
     return 8 if lanes <= 8 else 4
+
+
+CHWN_ACCUMULATORS = 16  # vector registers the chwn tile may hold (AVX-512 has 32, AVX2 16)
+CHWN_DIRECT_MAX_WIDTH = 4  # forward / grad-input: chwn up to this output row width
+
+
+def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool) -> tuple[str, str, str]:
+    """Layout of (forward, grad-input, grad-weight). ``chwn`` puts the batch in the vector
+    lanes. Measured on AVX-512 (docs/performance.md): forward and grad-input gain from it only
+    on rows of <= 4 (an nchw tile then fills a quarter of a vector: 2x2 maps 0.16x -> 0.6x of
+    dense); on 7- and 14-wide rows their chwn working set (a 16-image block of every input
+    channel) spills L2 and they lose. Grad-weight streams and gains up to half a vector width
+    (7x7: 1.3x -> 2.1-3.3x)."""
+    if cuda:
+        return "nchw", "nchw", "nchw"
+    return ("chwn" if geom.out_w <= CHWN_DIRECT_MAX_WIDTH else "nchw",
+            "chwn" if geom.in_w <= CHWN_DIRECT_MAX_WIDTH else "nchw",
+            "chwn" if geom.out_w <= simd_lanes // 2 else "nchw")
+
+
+def choose_chwn_rows(height: int, width: int) -> int:
+    """Whole rows per chwn tile: as many as the accumulator budget holds, padding <= 15 %."""
+    best = 1
+    for r in range(1, max(1, min(height, CHWN_ACCUMULATORS // width)) + 1):
+        if _round_up(height, r) <= 1.15 * height:
+            best = r
+    return best
+
+
+def _tile(layout: str, height: int, width: int, target: KernelTarget, cuda: bool) -> tuple[int, int, int, int]:
+    """(rows, lanes, padded height, padded width) of a direct-conv output tile."""
+    if layout == "chwn":  # lanes along the batch; the tile is whole output rows
+        rows = choose_chwn_rows(height, width)
+        return rows, target.simd_lanes, _round_up(height, rows), width
+    lanes = 1 if cuda else choose_lanes(width, target.simd_lanes)
+    rows = 1 if cuda else choose_rows(lanes)
+    return rows, lanes, _round_up(height, rows), _round_up(width, lanes)
 
 
 def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget) -> KernelPlan:
@@ -94,28 +132,34 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     fwd_offsets = tuple(tuple((dy * dh, dx * dw) for dy, dx in pattern_offsets(p)) for p in library)
     flipped = tuple(tuple(((2 - dy) * dh, (2 - dx) * dw) for dy, dx in pattern_offsets(p)) for p in library)
     cuda = target.name == "cuda"
-    lanes_f = 1 if cuda else choose_lanes(geom.out_w, target.simd_lanes)
-    rows_f = 1 if cuda else choose_rows(lanes_f)
-    oh, ow = _round_up(geom.out_h, rows_f), _round_up(geom.out_w, lanes_f)
+    fwd_layout, gi_layout, gw_layout = choose_layouts(geom, target.simd_lanes, cuda)
+    rows_f, lanes_f, oh, ow = _tile(fwd_layout, geom.out_h, geom.out_w, target, cuda)
+    rows_g, lanes_g, ih, iw = _tile(gi_layout, geom.in_h, geom.in_w, target, cuda)
     fwd_in = ((oh - 1) * sh + 2 * dh + 1, (ow - 1) * sw + 2 * dw + 1)
-    lanes_g = 1 if cuda else choose_lanes(geom.in_w, target.simd_lanes)
-    rows_g = 1 if cuda else choose_rows(lanes_g)
-    ih, iw = _round_up(geom.in_h, rows_g), _round_up(geom.in_w, lanes_g)
     gi_in = (ih - 1 + 2 * dh + 1, iw - 1 + 2 * dw + 1)
     tag = f"{geom.tag()}_{abs(hash(fwd_offsets)) % 10**8}"
-    forward = DirectConvSpec(f"ct_fwd_{tag}", geom.in_channels, geom.out_channels, fwd_in[0], fwd_in[1], oh, ow,
-                             geom.stride, fwd_offsets, rows_f, lanes_f, bias=True)
-    grad_input = DirectConvSpec(f"ct_dgrad_{tag}", geom.out_channels, geom.in_channels, gi_in[0], gi_in[1], ih, iw,
-                                (1, 1), flipped, rows_g, lanes_g, bias=False)
-    grad_weight = GradWeightSpec(f"ct_wgrad_{tag}", geom.in_channels, geom.out_channels, fwd_in[0], fwd_in[1],
-                                 geom.out_h, geom.out_h, ow, geom.stride, fwd_offsets, 1 if cuda else min(lanes_f, target.simd_lanes))
+    forward = DirectConvSpec(f"ct_fwd_{fwd_layout}_{tag}", geom.in_channels, geom.out_channels, fwd_in[0], fwd_in[1],
+                             oh, ow, geom.stride, fwd_offsets, rows_f, lanes_f, bias=True, layout=fwd_layout)
+    grad_input = DirectConvSpec(f"ct_dgrad_{gi_layout}_{tag}", geom.out_channels, geom.in_channels, gi_in[0], gi_in[1],
+                                ih, iw, (1, 1), flipped, rows_g, lanes_g, bias=False, layout=gi_layout)
+    # grad-weight reads the forward's padded input when their layouts agree; otherwise its own copy
+    gw_lanes = target.simd_lanes if gw_layout == "chwn" else (1 if cuda else min(lanes_f, target.simd_lanes))
+    gw_w = geom.out_w if gw_layout == "chwn" else ow
+    grad_weight = GradWeightSpec(f"ct_wgrad_{gw_layout}_{tag}", geom.in_channels, geom.out_channels,
+                                 fwd_in[0], fwd_in[1], geom.out_h, geom.out_h, gw_w, geom.stride, fwd_offsets,
+                                 gw_lanes, gw_layout)
     return KernelPlan(geom, forward, grad_input, grad_weight, fwd_in, gi_in)
 
 
+_DIRECT = {"cuda": direct_conv_cuda, "nchw": direct_conv_llvm, "chwn": direct_conv_chwn_llvm}
+_GRAD_WEIGHT = {"cuda": grad_weight_cuda, "nchw": grad_weight_llvm, "chwn": grad_weight_chwn_llvm}
+
+
 def kernel_sources(plan: KernelPlan, target: KernelTarget) -> dict[str, str]:
-    direct, wgrad = (direct_conv_cuda, grad_weight_cuda) if target.name == "cuda" else (direct_conv_llvm, grad_weight_llvm)
-    return {plan.forward.name: direct(plan.forward), plan.grad_input.name: direct(plan.grad_input),
-            plan.grad_weight.name: wgrad(plan.grad_weight)}
+    def source(spec):
+        table = _GRAD_WEIGHT if spec is plan.grad_weight else _DIRECT
+        return table["cuda" if target.name == "cuda" else spec.layout](spec)
+    return {spec.name: source(spec) for spec in plan.specs}
 
 
 @dataclass

@@ -14,6 +14,11 @@ the output width on CPU; one thread per output pixel on CUDA).
 offsets), reduce ``dout[b, f_j, y, x] * inp[b, c_j, y*s + oy, x*s + ox]`` over batch and
 space, straight into the compact ``(K, k)`` gradient.
 
+Small maps (rows narrower than a SIMD register) run the same two kernel shapes in the
+``chwn`` layout: activations as ``(channels, H, W, batch)``, vectorised along the batch, the
+register tile a block of whole output rows. A 4x4 map then fills 16-lane vectors instead of
+a quarter of one, and nothing is padded but the batch.
+
 Generated source is kept in the debug dump; sizes not known until run time (batch, number
 of kept kernels) are symbolic, so one compiled kernel serves every batch size and every
 pattern assignment over the same library and layer geometry.
@@ -40,6 +45,7 @@ class DirectConvSpec:
     rows: int
     lanes: int
     bias: bool
+    layout: str = "nchw"  # or "chwn": (channels, H, W, batch), vectorised along the batch
 
     @property
     def k(self) -> int:
@@ -59,6 +65,7 @@ class GradWeightSpec:
     stride: tuple[int, int]
     offsets: Offsets
     lanes: int
+    layout: str = "nchw"
 
     @property
     def k(self) -> int:
@@ -87,9 +94,14 @@ def _direct_buffers(s: DirectConvSpec) -> list[str]:
 
 
 def _fma_chain(acc: str, s, p: int, b: str, y: str, x: str) -> str:
+    """``acc += sum_t w[j, t] * input at pattern p's offset t`` (``b``: the batch index, or in
+    the chwn layout the batch-lane index)."""
     sh, sw = s.stride
-    terms = [f"w[j, {t}] * inp[{b}, src[j], ({y}) * {sh} + {dy}, ({x}) * {sw} + {dx}]"
-             for t, (dy, dx) in enumerate(s.offsets[p])]
+
+    def at(dy, dx):
+        pos = f"({y}) * {sh} + {dy}, ({x}) * {sw} + {dx}"
+        return f"inp[src[j], {pos}, {b}]" if s.layout == "chwn" else f"inp[{b}, src[j], {pos}]"
+    terms = [f"w[j, {t}] * {at(dy, dx)}" for t, (dy, dx) in enumerate(s.offsets[p])]
     return f"{acc} = {acc} + " + " + ".join(terms)
 
 
@@ -116,6 +128,45 @@ def direct_conv_llvm(s: DirectConvSpec) -> str:
         f"            for r in T.unroll({R}):",
         f"                for v in T.vectorized({V}):",
         f"                    out[bf // {O}, perm[bf % {O}], yt * {R} + r, xt * {V} + v] = acc[r, v]",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
+    """The chwn layout: ``n`` is the batch padded to a multiple of ``lanes``; one parallel
+    task per (batch block, output channel); the tile is ``rows`` whole output rows."""
+    O, R, V, W = s.dst_channels, s.rows, s.lanes, s.out_w
+    lines = _header(s.name, ["inp_h", "w_h", "ptr_h", "src_h", "perm_h", "bias_h", "out_h"]) + [
+        f'    inp = T.match_buffer(inp_h, ({s.src_channels}, {s.in_h}, {s.in_w}, n), "float32")',
+        f'    w = T.match_buffer(w_h, (kk, {s.k}), "float32")',
+        f'    ptr = T.match_buffer(ptr_h, ({O}, {len(s.offsets) + 1}), "int32")',
+        f'    src = T.match_buffer(src_h, (kk,), "int32")',
+        f'    perm = T.match_buffer(perm_h, ({O},), "int32")',
+        f'    bias = T.match_buffer(bias_h, ({O},), "float32")',
+        f'    out = T.match_buffer(out_h, ({O}, {s.out_h}, {W}, n), "float32")',
+    ]
+    init = f"bias[perm[bf % {O}]]" if s.bias else "T.float32(0)"
+    lane = f"bf // {O} * {V} + v"
+    lines += [
+        f"    for bf in T.parallel(n // {V} * {O}):",
+        f'        acc = T.alloc_buffer(({R}, {W}, {V}), "float32", scope="global")',
+        f"        for yt in range({s.out_h // R}):",
+        f"            for r, x in T.grid({R}, {W}):",
+        f"                for v in T.vectorized({V}):",
+        f"                    acc[r, x, v] = {init}",
+    ]
+    for p in range(len(s.offsets)):
+        lines += [
+            f"            for j in range(ptr[bf % {O}, {p}], ptr[bf % {O}, {p + 1}]):",
+            f"                for r in T.unroll({R}):",
+            f"                    for x in T.unroll({W}):",
+            f"                        for v in T.vectorized({V}):",
+            "                            " + _fma_chain("acc[r, x, v]", s, p, lane, f"yt * {R} + r", "x"),
+        ]
+    lines += [
+        f"            for r, x in T.grid({R}, {W}):",
+        f"                for v in T.vectorized({V}):",
+        f"                    out[perm[bf % {O}], yt * {R} + r, x, {lane}] = acc[r, x, v]",
     ]
     return "\n".join(lines) + "\n"
 
@@ -160,10 +211,46 @@ def _grad_weight_buffers(s: GradWeightSpec) -> list[str]:
     ]
 
 
-def _gw_term(s: GradWeightSpec, t: int, p: int, x: str) -> str:
+def _gw_term(s: GradWeightSpec, t: int, p: int, x: str, lane: str = "") -> str:
     dy, dx = s.offsets[p][t]
     sh, sw = s.stride
+    if s.layout == "chwn":
+        return f"dout[kf[j], y, {x}, {lane}] * inp[kc[j], y * {sh} + {dy}, ({x}) * {sw} + {dx}, {lane}]"
     return f"dout[b, kf[j], y, {x}] * inp[b, kc[j], y * {sh} + {dy}, ({x}) * {sw} + {dx}]"
+
+
+def grad_weight_chwn_llvm(s: GradWeightSpec) -> str:
+    """The chwn layout: per kept kernel, reduce over rows, columns and batch blocks with the
+    batch in the vector lanes."""
+    V, k, P = s.lanes, s.k, len(s.offsets)
+    lines = _header(s.name, ["dout_h", "inp_h", "kf_h", "kc_h", "dst_h", "pptr_h", "g_h"]) + [
+        f'    dout = T.match_buffer(dout_h, ({s.dst_channels}, {s.out_h}, {s.out_w}, n), "float32")',
+        f'    inp = T.match_buffer(inp_h, ({s.src_channels}, {s.in_h}, {s.in_w}, n), "float32")',
+        f'    kf = T.match_buffer(kf_h, (kk,), "int32")',
+        f'    kc = T.match_buffer(kc_h, (kk,), "int32")',
+        f'    dst = T.match_buffer(dst_h, (kk,), "int32")',
+        f'    pptr = T.match_buffer(pptr_h, ({P + 1},), "int32")',
+        f'    g = T.match_buffer(g_h, (kk, {k}), "float32")',
+    ]
+    for p in range(P):
+        lines += [
+            f"    for j in T.parallel(pptr[{p}], pptr[{p + 1}]):",
+            f'        acc = T.alloc_buffer(({k}, {V}), "float32", scope="global")',
+            f"        for t in T.unroll({k}):",
+            f"            for v in T.vectorized({V}):",
+            "                acc[t, v] = T.float32(0)",
+            f"        for y, x, bb in T.grid({s.true_out_h}, {s.out_w}, n // {V}):",
+        ]
+        for t in range(k):
+            lines += [f"            for v in T.vectorized({V}):",
+                      f"                acc[{t}, v] = acc[{t}, v] + " + _gw_term(s, t, p, "x", f"bb * {V} + v")]
+        lines += [
+            f"        for t in T.unroll({k}):",
+            "            g[dst[j], t] = T.float32(0)",
+            f"            for v in range({V}):",
+            "                g[dst[j], t] = g[dst[j], t] + acc[t, v]",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def grad_weight_llvm(s: GradWeightSpec) -> str:

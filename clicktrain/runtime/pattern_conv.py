@@ -42,6 +42,21 @@ def _pad_to(x: torch.Tensor, top: int, left: int, rows: int, cols: int) -> torch
     return F.pad(x, (left, cols - w - left, top, rows - h - top)).contiguous()
 
 
+def _to_chwn(x: torch.Tensor, top: int, left: int, rows: int, cols: int, lanes: int) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(C, rows, cols, N')`` with ``x`` at (top, left) (cropped where it
+    overhangs), zeros around it and the batch padded to a multiple of ``lanes``: the chwn
+    kernels' layout, in one copy."""
+    n, c, h, w = x.shape
+    buf = x.new_zeros(c, rows, cols, -(-n // lanes) * lanes, dtype=torch.float32)
+    ys, ye, xs, xe = max(0, -top), min(h, rows - top), max(0, -left), min(w, cols - left)
+    buf[:, top + ys:top + ye, left + xs:left + xe, :n] = x[:, :, ys:ye, xs:xe].permute(1, 2, 3, 0)
+    return buf
+
+
+def _from_chwn(buf: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    return buf[:, :h, :w, :n].permute(3, 0, 1, 2).contiguous()
+
+
 KINDS = ("forward", "grad_input", "grad_weight")
 
 
@@ -56,15 +71,27 @@ class LayerRunner:
         self.use = use or {kind: True for kind in KINDS}
 
     # -- generated kernels -----------------------------------------------------------------
-    def pad_input(self, x):
-        g, plan = self.geometry, self.kernels.plan
-        return _pad_to(x.float(), g.padding[0], g.padding[1], *plan.fwd_in)
+    @staticmethod
+    def _padded(spec, x, top, left, extent):
+        """A kernel's input buffer: ``x`` padded to ``extent``, in the kernel's layout."""
+        if spec.layout == "chwn":
+            return _to_chwn(x, top, left, *extent, spec.lanes)
+        return _pad_to(x.float(), top, left, *extent)
 
-    def forward_generated(self, xpad, weight, bias):
+    def pad_input(self, x, spec=None):
+        """The padded input of the forward kernel (or of ``spec``, reading the same extent)."""
+        g, plan = self.geometry, self.kernels.plan
+        return self._padded(spec or plan.forward, x, g.padding[0], g.padding[1], plan.fwd_in)
+
+    def forward_generated(self, xpad, weight, bias, batch: int | None = None):
         g, plan, idx = self.geometry, self.kernels.plan, self.index
         wc = weight.detach().reshape(-1)[idx.fwd_weight_index].contiguous()
-        out = torch.empty(xpad.shape[0], g.out_channels, plan.forward.out_h, plan.forward.out_w, device=xpad.device)
         b = bias.detach().float().contiguous() if bias is not None else idx.bias_zeros(g.out_channels, xpad)
+        if plan.forward.layout == "chwn":
+            out = torch.empty(g.out_channels, plan.forward.out_h, plan.forward.out_w, xpad.shape[-1], device=xpad.device)
+            _call(self.kernels.forward, xpad, wc, idx.fwd_ptr, idx.fwd_src, idx.fwd_perm, b, out)
+            return _from_chwn(out, xpad.shape[-1] if batch is None else batch, g.out_h, g.out_w)
+        out = torch.empty(xpad.shape[0], g.out_channels, plan.forward.out_h, plan.forward.out_w, device=xpad.device)
         _call(self.kernels.forward, xpad, wc, idx.fwd_ptr, idx.fwd_src, idx.fwd_perm, b, out)
         if out.shape[2:] != (g.out_h, g.out_w):
             out = out[:, :, :g.out_h, :g.out_w].contiguous()
@@ -74,7 +101,7 @@ class LayerRunner:
         """(output, padded input for grad-weight or None)."""
         if self.use["forward"]:
             xpad = self.pad_input(x)
-            return self.forward_generated(xpad, weight, bias), xpad
+            return self.forward_generated(xpad, weight, bias, x.shape[0]), xpad
         g = self.geometry
         return F.conv2d(x, weight.detach(), None if bias is None else bias.detach(), g.stride, g.padding, g.dilation), None
 
@@ -91,11 +118,15 @@ class LayerRunner:
             up[:, :, ::sh, ::sw] = dout
         else:
             up = dout
-        upad = _pad_to(up, 2 * dh - g.padding[0], 2 * dw - g.padding[1], *plan.gi_in)
+        upad = self._padded(plan.grad_input, up, 2 * dh - g.padding[0], 2 * dw - g.padding[1], plan.gi_in)
         wt = weight.detach().reshape(-1)[idx.bwd_weight_index].contiguous()
+        zeros = idx.bias_zeros(g.in_channels, dout)
+        if plan.grad_input.layout == "chwn":
+            dx = torch.empty(g.in_channels, plan.grad_input.out_h, plan.grad_input.out_w, upad.shape[-1], device=dout.device)
+            _call(self.kernels.grad_input, upad, wt, idx.bwd_ptr, idx.bwd_src, idx.bwd_perm, zeros, dx)
+            return _from_chwn(dx, dout.shape[0], g.in_h, g.in_w)
         dx = torch.empty(dout.shape[0], g.in_channels, plan.grad_input.out_h, plan.grad_input.out_w, device=dout.device)
-        _call(self.kernels.grad_input, upad, wt, idx.bwd_ptr, idx.bwd_src, idx.bwd_perm,
-              idx.bias_zeros(g.in_channels, dout), dx)
+        _call(self.kernels.grad_input, upad, wt, idx.bwd_ptr, idx.bwd_src, idx.bwd_perm, zeros, dx)
         if dx.shape[2:] != (g.in_h, g.in_w):
             dx = dx[:, :, :g.in_h, :g.in_w].contiguous()
         return dx
@@ -109,9 +140,12 @@ class LayerRunner:
                 [False, True, False])[1]
             kept = full.reshape(-1)[idx.fwd_weight_index]  # kept weights only, as the kernel does
         else:
-            if xpad is None:
-                xpad = self.pad_input(x)
-            dpad = F.pad(dout, (0, plan.grad_weight.out_w - dout.shape[-1])).contiguous()
+            if xpad is None or plan.grad_weight.layout != plan.forward.layout:
+                xpad = self.pad_input(x, plan.grad_weight)
+            if plan.grad_weight.layout == "chwn":
+                dpad = _to_chwn(dout, 0, 0, g.out_h, g.out_w, plan.grad_weight.lanes)
+            else:
+                dpad = F.pad(dout, (0, plan.grad_weight.out_w - dout.shape[-1])).contiguous()
             kept = torch.empty(idx.fwd_layout.kept_kernels, plan.forward.k, device=dout.device)
             _call(self.kernels.grad_weight, dpad, xpad, idx.gw_filter, idx.gw_channel, idx.gw_dst,
                   idx.gw_pattern_ptr, kept)
@@ -141,7 +175,7 @@ class LayerRunner:
 
         timings = {}
         for kind, generated, dense in (
-            ("forward", lambda: self.forward_generated(xpad, w, bias), lambda: F.conv2d(x, w, bias, g.stride, g.padding, g.dilation)),
+            ("forward", lambda: self.forward_generated(xpad, w, bias, x.shape[0]), lambda: F.conv2d(x, w, bias, g.stride, g.padding, g.dilation)),
             ("grad_input", lambda: self._with(grad_input=True).grad_input(dout, w, tuple(x.shape)),
              lambda: self._with(grad_input=False).grad_input(dout, w, tuple(x.shape))),
             ("grad_weight", lambda: self._with(grad_weight=True).grad_weight(dout, x, xpad, w),
