@@ -47,19 +47,29 @@ COLUMNS = ["method", "target", "test_accuracy", "compression_ratio", "conv_densi
            "time_vs_dense", "phase_seconds", "train_flops", "inference_flops", "kept_parameters", "epochs"]
 
 
-def run_method(name: str, base: TrainConfig, out: Path) -> dict:
-    method, target = METHODS[name]
+def parse_method(spec: str, default_epochs: int) -> tuple[str, str, int]:
+    """``name`` or ``name@EPOCHS`` (another epoch budget, e.g. ``admm@23``) -> (run name,
+    method name, epochs)."""
+    name, _, epochs = spec.partition("@")
+    if name not in METHODS or (epochs and not (epochs.isdigit() and int(epochs) > 0)):
+        raise ClicktrainError(f"--methods: {spec!r}; use one of {list(METHODS)}, optionally @EPOCHS")
+    return (f"{name}-{epochs}ep" if epochs else name), name, int(epochs or default_epochs)
+
+
+def run_method(spec: str, base: TrainConfig, out: Path) -> tuple[str, dict]:
+    name, method_name, epochs = parse_method(spec, base.epochs)
+    method, target = METHODS[method_name]
     final_path = out / name / "final.json"
     if final_path.exists():
         final = json.loads(final_path.read_text())
-        if final.get("config", {}).get("epochs") == base.epochs and final.get("model") == base.model:
+        if final.get("config", {}).get("epochs") == epochs and final.get("model") == base.model:
             tqdm.write(f"{name}: finished before, not rerun ({final_path})")
-            return final
+            return name, final
         raise ClicktrainError(f"{final_path} is from another comparison (model {final.get('model')}, "
                               f"{final.get('config', {}).get('epochs')} epochs); use another --out")
     cmd = [sys.executable, "-m", "clicktrain.cli", "train", "--method", method, "--target", target,
            "--out", str(out / name), "--resume", "--model", base.model, "--width", str(base.width),
-           "--epochs", str(base.epochs), "--batch-size", str(base.batch_size), "--seed", str(base.seed)]
+           "--epochs", str(epochs), "--batch-size", str(base.batch_size), "--seed", str(base.seed)]
     for flag, value in (("--data", base.data), ("--train-subset", base.train_subset), ("--threads", base.threads)):
         if value is not None:
             cmd += [flag, str(value)]
@@ -69,7 +79,7 @@ def run_method(name: str, base: TrainConfig, out: Path) -> dict:
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0 or not final_path.exists():
         raise ClicktrainError(f"{name}: `{' '.join(cmd)}` failed with exit status {proc.returncode} (output above)")
-    return json.loads(final_path.read_text())
+    return name, json.loads(final_path.read_text())
 
 
 def summary_row(name: str, final: dict, dense_wall: float | None) -> dict:
@@ -116,9 +126,9 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
 def compare(base: TrainConfig, out: Path, names: list[str]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name in tqdm(names, desc="methods", unit="method"):
-        tqdm.write(f"\n=== {name} ===")
-        final = run_method(name, base, out)
+    for spec in tqdm(names, desc="methods", unit="method"):
+        tqdm.write(f"\n=== {spec} ===")
+        name, final = run_method(spec, base, out)
         with open(out / name / "metrics.csv", newline="") as f:
             metrics = [{k: (v if k in ("phase", "phase_after") else float(v)) for k, v in r.items()}
                        for r in csv.DictReader(f)]
@@ -160,13 +170,19 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/compare")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {list(METHODS)}; NAME@EPOCHS runs it with another epoch "
+                        f"budget (e.g. admm@23: ADMM given 2.3x the epochs)")
     p.add_argument("--quick", action="store_true", help=f"a tiny comparison for the tests: {QUICK}")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
-    if unknown or not names:
-        p.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    try:
+        for spec in names:
+            parse_method(spec, 1)
+    except ClicktrainError as exc:
+        p.error(str(exc))
+    if not names:
+        p.error("--methods: name at least one method")
     settings = dict(model=args.model, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
                     train_subset=args.train_subset)
     if args.quick:
