@@ -80,16 +80,21 @@ def _header(name: str, params: list[str]) -> list[str]:
             "    kk = T.int32()"]
 
 
+def _activation(channels: int, h: int, w: int, layout: str) -> str:
+    """The shape of an activation buffer; ``n`` is the batch (padded to the lanes in chwn)."""
+    return f"({channels}, {h}, {w}, n)" if layout == "chwn" else f"(n, {channels}, {h}, {w})"
+
+
 def _direct_buffers(s: DirectConvSpec) -> list[str]:
     P = len(s.offsets)
     return [
-        f'    inp = T.match_buffer(inp_h, (n, {s.src_channels}, {s.in_h}, {s.in_w}), "float32")',
+        f'    inp = T.match_buffer(inp_h, {_activation(s.src_channels, s.in_h, s.in_w, s.layout)}, "float32")',
         f'    w = T.match_buffer(w_h, (kk, {s.k}), "float32")',
         f'    ptr = T.match_buffer(ptr_h, ({s.dst_channels}, {P + 1}), "int32")',
         f'    src = T.match_buffer(src_h, (kk,), "int32")',
         f'    perm = T.match_buffer(perm_h, ({s.dst_channels},), "int32")',
         f'    bias = T.match_buffer(bias_h, ({s.dst_channels},), "float32")',
-        f'    out = T.match_buffer(out_h, (n, {s.dst_channels}, {s.out_h}, {s.out_w}), "float32")',
+        f'    out = T.match_buffer(out_h, {_activation(s.dst_channels, s.out_h, s.out_w, s.layout)}, "float32")',
     ]
 
 
@@ -136,15 +141,7 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
     """The chwn layout: ``n`` is the batch padded to a multiple of ``lanes``; one parallel
     task per (batch block, output channel); the tile is ``rows`` whole output rows."""
     O, R, V, W = s.dst_channels, s.rows, s.lanes, s.out_w
-    lines = _header(s.name, ["inp_h", "w_h", "ptr_h", "src_h", "perm_h", "bias_h", "out_h"]) + [
-        f'    inp = T.match_buffer(inp_h, ({s.src_channels}, {s.in_h}, {s.in_w}, n), "float32")',
-        f'    w = T.match_buffer(w_h, (kk, {s.k}), "float32")',
-        f'    ptr = T.match_buffer(ptr_h, ({O}, {len(s.offsets) + 1}), "int32")',
-        f'    src = T.match_buffer(src_h, (kk,), "int32")',
-        f'    perm = T.match_buffer(perm_h, ({O},), "int32")',
-        f'    bias = T.match_buffer(bias_h, ({O},), "float32")',
-        f'    out = T.match_buffer(out_h, ({O}, {s.out_h}, {W}, n), "float32")',
-    ]
+    lines = _header(s.name, ["inp_h", "w_h", "ptr_h", "src_h", "perm_h", "bias_h", "out_h"]) + _direct_buffers(s)
     init = f"bias[perm[bf % {O}]]" if s.bias else "T.float32(0)"
     lane = f"bf // {O} * {V} + v"
     lines += [
@@ -201,8 +198,8 @@ def direct_conv_cuda(s: DirectConvSpec) -> str:
 def _grad_weight_buffers(s: GradWeightSpec) -> list[str]:
     P = len(s.offsets)
     return [
-        f'    dout = T.match_buffer(dout_h, (n, {s.dst_channels}, {s.out_h}, {s.out_w}), "float32")',
-        f'    inp = T.match_buffer(inp_h, (n, {s.src_channels}, {s.in_h}, {s.in_w}), "float32")',
+        f'    dout = T.match_buffer(dout_h, {_activation(s.dst_channels, s.out_h, s.out_w, s.layout)}, "float32")',
+        f'    inp = T.match_buffer(inp_h, {_activation(s.src_channels, s.in_h, s.in_w, s.layout)}, "float32")',
         f'    kf = T.match_buffer(kf_h, (kk,), "int32")',
         f'    kc = T.match_buffer(kc_h, (kk,), "int32")',
         f'    dst = T.match_buffer(dst_h, (kk,), "int32")',
@@ -223,15 +220,7 @@ def grad_weight_chwn_llvm(s: GradWeightSpec) -> str:
     """The chwn layout: per kept kernel, reduce over rows, columns and batch blocks with the
     batch in the vector lanes."""
     V, k, P = s.lanes, s.k, len(s.offsets)
-    lines = _header(s.name, ["dout_h", "inp_h", "kf_h", "kc_h", "dst_h", "pptr_h", "g_h"]) + [
-        f'    dout = T.match_buffer(dout_h, ({s.dst_channels}, {s.out_h}, {s.out_w}, n), "float32")',
-        f'    inp = T.match_buffer(inp_h, ({s.src_channels}, {s.in_h}, {s.in_w}, n), "float32")',
-        f'    kf = T.match_buffer(kf_h, (kk,), "int32")',
-        f'    kc = T.match_buffer(kc_h, (kk,), "int32")',
-        f'    dst = T.match_buffer(dst_h, (kk,), "int32")',
-        f'    pptr = T.match_buffer(pptr_h, ({P + 1},), "int32")',
-        f'    g = T.match_buffer(g_h, (kk, {k}), "float32")',
-    ]
+    lines = _header(s.name, ["dout_h", "inp_h", "kf_h", "kc_h", "dst_h", "pptr_h", "g_h"]) + _grad_weight_buffers(s)
     for p in range(P):
         lines += [
             f"    for j in T.parallel(pptr[{p}], pptr[{p + 1}]):",

@@ -30,8 +30,21 @@ class LayerReport:
         return self.kept_weights / self.weights if self.weights else 1.0
 
 
+class ConvRatios:
+    """Density and compression from ``conv_weights`` and ``kept_conv_weights``."""
+
+    @property
+    def conv_density(self) -> float:
+        return self.kept_conv_weights / max(1, self.conv_weights)
+
+    @property
+    def compression_ratio(self) -> float:
+        """All conv weights / kept conv weights (dense convs count in both; BatchNorm never)."""
+        return self.conv_weights / max(1, self.kept_conv_weights)
+
+
 @dataclass
-class PruningReport:
+class PruningReport(ConvRatios):
     layers: list[LayerReport]
     library: list[str]
     compile_seconds: dict
@@ -43,15 +56,6 @@ class PruningReport:
     @property
     def kept_conv_weights(self) -> int:
         return sum(r.kept_weights for r in self.layers)
-
-    @property
-    def conv_density(self) -> float:
-        return self.kept_conv_weights / max(1, self.conv_weights)
-
-    @property
-    def compression_ratio(self) -> float:
-        """All conv weights / kept conv weights (dense convs count in both; BatchNorm never)."""
-        return self.conv_weights / max(1, self.kept_conv_weights)
 
     def as_dict(self) -> dict:
         return {"layers": [dict(asdict(r), density=r.density) for r in self.layers], "library": self.library,
@@ -100,21 +104,13 @@ def pruning_report(gm: fx.GraphModule) -> PruningReport:
 
 
 @dataclass
-class ModelCosts:
+class ModelCosts(ConvRatios):
     """What a model costs as it stands, per sample (see :func:`model_costs`)."""
 
     conv_weights: int        # of the model as first built (the reference for compression)
     kept_conv_weights: int
     parameters: int          # all parameters minus pruned conv weights
     flops: int               # forward FLOPs per sample of convs and linear layers (2 per multiply-add)
-
-    @property
-    def conv_density(self) -> float:
-        return self.kept_conv_weights / max(1, self.conv_weights)
-
-    @property
-    def compression_ratio(self) -> float:
-        return self.conv_weights / max(1, self.kept_conv_weights)
 
 
 def conv_positions(model: torch.nn.Module, example: torch.Tensor) -> dict[str, int]:
