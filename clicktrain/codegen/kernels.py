@@ -18,8 +18,7 @@ from ..passes.reorder import FilterKernelLayout
 from ..patterns import pattern_offsets
 from .cache import compile_cached
 from .target import KernelTarget, cuda_available
-from .templates import (DirectConvSpec, GradWeightSpec, direct_conv_chwn_llvm, direct_conv_cuda, direct_conv_llvm,
-                        grad_weight_chwn_llvm, grad_weight_cuda, grad_weight_llvm)
+from .templates import DirectConvSpec, GradWeightSpec, direct_conv_cuda, direct_conv_llvm, grad_weight_cuda, grad_weight_llvm
 
 
 def _round_up(v: int, m: int) -> int:
@@ -151,15 +150,12 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     return KernelPlan(geom, forward, grad_input, grad_weight, fwd_in, gi_in)
 
 
-_DIRECT = {"cuda": direct_conv_cuda, "nchw": direct_conv_llvm, "chwn": direct_conv_chwn_llvm}
-_GRAD_WEIGHT = {"cuda": grad_weight_cuda, "nchw": grad_weight_llvm, "chwn": grad_weight_chwn_llvm}
-
-
 def kernel_sources(plan: KernelPlan, target: KernelTarget) -> dict[str, str]:
-    def source(spec):
-        table = _GRAD_WEIGHT if spec is plan.grad_weight else _DIRECT
-        return table["cuda" if target.name == "cuda" else spec.layout](spec)
-    return {spec.name: source(spec) for spec in plan.specs}
+    """TVMScript of the three kernels (each llvm template serves both layouts)."""
+    cuda = target.name == "cuda"
+    direct, wgrad = (direct_conv_cuda, grad_weight_cuda) if cuda else (direct_conv_llvm, grad_weight_llvm)
+    return {plan.forward.name: direct(plan.forward), plan.grad_input.name: direct(plan.grad_input),
+            plan.grad_weight.name: wgrad(plan.grad_weight)}
 
 
 @dataclass

@@ -111,60 +111,39 @@ def _fma_chain(acc: str, s, p: int, b: str, y: str, x: str) -> str:
 
 
 def direct_conv_llvm(s: DirectConvSpec) -> str:
+    """One parallel task per (image, output channel) -- in chwn per (block of ``lanes``
+    images, output channel) -- holding a register tile: ``rows`` x ``lanes`` output pixels
+    vectorised along the row (nchw), or ``rows`` whole rows vectorised along the batch (chwn)."""
     O, R, V = s.dst_channels, s.rows, s.lanes
-    lines = _header(s.name, ["inp_h", "w_h", "ptr_h", "src_h", "perm_h", "bias_h", "out_h"]) + _direct_buffers(s)
-    init = f"bias[perm[bf % {O}]]" if s.bias else "T.float32(0)"
-    lines += [
-        f"    for bf in T.parallel(n * {O}):",
-        f'        acc = T.alloc_buffer(({R}, {V}), "float32", scope="global")',
-        f"        for yt, xt in T.grid({s.out_h // R}, {s.out_w // V}):",
-        f"            for r in T.unroll({R}):",
-        f"                for v in T.vectorized({V}):",
-        f"                    acc[r, v] = {init}",
-    ]
-    for p in range(len(s.offsets)):
-        lines += [
-            f"            for j in range(ptr[bf % {O}, {p}], ptr[bf % {O}, {p + 1}]):",
-            f"                for r in T.unroll({R}):",
-            f"                    for v in T.vectorized({V}):",
-            "                        " + _fma_chain("acc[r, v]", s, p, f"bf // {O}", f"yt * {R} + r", f"xt * {V} + v"),
-        ]
-    lines += [
-        f"            for r in T.unroll({R}):",
-        f"                for v in T.vectorized({V}):",
-        f"                    out[bf // {O}, perm[bf % {O}], yt * {R} + r, xt * {V} + v] = acc[r, v]",
-    ]
-    return "\n".join(lines) + "\n"
+    f = f"bf % {O}"
+    if s.layout == "chwn":
+        lane = f"bf // {O} * {V} + v"
+        tasks, tile, acc_shape = f"n // {V} * {O}", f"yt in range({s.out_h // R})", f"({R}, {s.out_w}, {V})"
+        loops, acc = [("r", R), ("x", s.out_w)], "acc[r, x, v]"
+        batch, y, x = lane, f"yt * {R} + r", "x"
+        store = f"out[perm[{f}], yt * {R} + r, x, {lane}]"
+    else:
+        tasks, tile, acc_shape = f"n * {O}", f"yt, xt in T.grid({s.out_h // R}, {s.out_w // V})", f"({R}, {V})"
+        loops, acc = [("r", R)], "acc[r, v]"
+        batch, y, x = f"bf // {O}", f"yt * {R} + r", f"xt * {V} + v"
+        store = f"out[bf // {O}, perm[{f}], yt * {R} + r, xt * {V} + v]"
 
+    def tile_loops(indent: int, body: str) -> list[str]:
+        """The unrolled tile loops and the vector loop around ``body``."""
+        out = [" " * (indent + 4 * i) + f"for {var} in T.unroll({extent}):" for i, (var, extent) in enumerate(loops)]
+        pad = " " * (indent + 4 * len(loops))
+        return out + [pad + f"for v in T.vectorized({V}):", pad + "    " + body]
 
-def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
-    """The chwn layout: ``n`` is the batch padded to a multiple of ``lanes``; one parallel
-    task per (batch block, output channel); the tile is ``rows`` whole output rows."""
-    O, R, V, W = s.dst_channels, s.rows, s.lanes, s.out_w
+    init = f"bias[perm[{f}]]" if s.bias else "T.float32(0)"
     lines = _header(s.name, ["inp_h", "w_h", "ptr_h", "src_h", "perm_h", "bias_h", "out_h"]) + _direct_buffers(s)
-    init = f"bias[perm[bf % {O}]]" if s.bias else "T.float32(0)"
-    lane = f"bf // {O} * {V} + v"
-    lines += [
-        f"    for bf in T.parallel(n // {V} * {O}):",
-        f'        acc = T.alloc_buffer(({R}, {W}, {V}), "float32", scope="global")',
-        f"        for yt in range({s.out_h // R}):",
-        f"            for r, x in T.grid({R}, {W}):",
-        f"                for v in T.vectorized({V}):",
-        f"                    acc[r, x, v] = {init}",
-    ]
+    lines += [f"    for bf in T.parallel({tasks}):",
+              f'        acc = T.alloc_buffer({acc_shape}, "float32", scope="global")',
+              f"        for {tile}:"]
+    lines += tile_loops(12, f"{acc} = {init}")
     for p in range(len(s.offsets)):
-        lines += [
-            f"            for j in range(ptr[bf % {O}, {p}], ptr[bf % {O}, {p + 1}]):",
-            f"                for r in T.unroll({R}):",
-            f"                    for x in T.unroll({W}):",
-            f"                        for v in T.vectorized({V}):",
-            "                            " + _fma_chain("acc[r, x, v]", s, p, lane, f"yt * {R} + r", "x"),
-        ]
-    lines += [
-        f"            for r, x in T.grid({R}, {W}):",
-        f"                for v in T.vectorized({V}):",
-        f"                    out[perm[bf % {O}], yt * {R} + r, x, {lane}] = acc[r, x, v]",
-    ]
+        lines.append(f"            for j in range(ptr[{f}, {p}], ptr[{f}, {p + 1}]):")
+        lines += tile_loops(16, _fma_chain(acc, s, p, batch, y, x))
+    lines += tile_loops(12, f"{store} = {acc}")
     return "\n".join(lines) + "\n"
 
 
@@ -216,34 +195,14 @@ def _gw_term(s: GradWeightSpec, t: int, p: int, x: str, lane: str = "") -> str:
     return f"dout[b, kf[j], y, {x}] * inp[b, kc[j], y * {sh} + {dy}, ({x}) * {sw} + {dx}]"
 
 
-def grad_weight_chwn_llvm(s: GradWeightSpec) -> str:
-    """The chwn layout: per kept kernel, reduce over rows, columns and batch blocks with the
-    batch in the vector lanes."""
-    V, k, P = s.lanes, s.k, len(s.offsets)
-    lines = _header(s.name, ["dout_h", "inp_h", "kf_h", "kc_h", "dst_h", "pptr_h", "g_h"]) + _grad_weight_buffers(s)
-    for p in range(P):
-        lines += [
-            f"    for j in T.parallel(pptr[{p}], pptr[{p + 1}]):",
-            f'        acc = T.alloc_buffer(({k}, {V}), "float32", scope="global")',
-            f"        for t in T.unroll({k}):",
-            f"            for v in T.vectorized({V}):",
-            "                acc[t, v] = T.float32(0)",
-            f"        for y, x, bb in T.grid({s.true_out_h}, {s.out_w}, n // {V}):",
-        ]
-        for t in range(k):
-            lines += [f"            for v in T.vectorized({V}):",
-                      f"                acc[{t}, v] = acc[{t}, v] + " + _gw_term(s, t, p, "x", f"bb * {V} + v")]
-        lines += [
-            f"        for t in T.unroll({k}):",
-            "            g[dst[j], t] = T.float32(0)",
-            f"            for v in range({V}):",
-            "                g[dst[j], t] = g[dst[j], t] + acc[t, v]",
-        ]
-    return "\n".join(lines) + "\n"
-
-
 def grad_weight_llvm(s: GradWeightSpec) -> str:
+    """One parallel task per kept kernel, reducing over batch and space into ``k`` vector
+    accumulators: vectorised along the row (nchw) or along the batch (chwn)."""
     V, k = s.lanes, s.k
+    if s.layout == "chwn":
+        reduce, x, lane = f"y, x, bb in T.grid({s.true_out_h}, {s.out_w}, n // {V})", "x", f"bb * {V} + v"
+    else:
+        reduce, x, lane = f"b, y, xt in T.grid(n, {s.true_out_h}, {s.out_w // V})", f"xt * {V} + v", ""
     lines = _header(s.name, ["dout_h", "inp_h", "kf_h", "kc_h", "dst_h", "pptr_h", "g_h"]) + _grad_weight_buffers(s)
     for p in range(len(s.offsets)):
         lines += [
@@ -252,11 +211,11 @@ def grad_weight_llvm(s: GradWeightSpec) -> str:
             f"        for t in T.unroll({k}):",
             f"            for v in T.vectorized({V}):",
             "                acc[t, v] = T.float32(0)",
-            f"        for b, y, xt in T.grid(n, {s.true_out_h}, {s.out_w // V}):",
+            f"        for {reduce}:",
         ]
         for t in range(k):
             lines += [f"            for v in T.vectorized({V}):",
-                      f"                acc[{t}, v] = acc[{t}, v] + " + _gw_term(s, t, p, f"xt * {V} + v")]
+                      f"                acc[{t}, v] = acc[{t}, v] + " + _gw_term(s, t, p, x, lane)]
         lines += [
             f"        for t in T.unroll({k}):",
             "            g[dst[j], t] = T.float32(0)",
