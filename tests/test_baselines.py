@@ -165,3 +165,25 @@ def test_compare_quick_runs_every_method_and_resumes(tmp_path, fashion_dir):
     # a finished method is not rerun
     again = subprocess.run(cmd + ["--methods", "dense,admm"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("not rerun") == 2
+
+
+def test_model_costs_count_flops_like_torch_and_shrink_with_pruning():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clicktrain.runtime.report import conv_positions, model_costs
+    torch.manual_seed(0)
+    model = build_model("vgg_small", in_channels=1, num_classes=10)
+    x = torch.randn(1, 1, 16, 16)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    plain = model_costs(model, positions=conv_positions(model, x))
+    assert plain.flops == counter.get_total_flops()  # convs + linear; torch counts 2 per multiply-add
+    m = ct.compile_for_training(model, x)
+    assert model_costs(m).flops == plain.flops and model_costs(m).conv_weights == plain.conv_weights
+    ct.select_patterns(m)
+    assert model_costs(m, applied=False).flops == plain.flops  # selected, not yet applied
+    ct.harden(m)
+    pruned = model_costs(m)
+    assert pruned.kept_conv_weights < plain.kept_conv_weights and pruned.flops < plain.flops
+    assert pruned.parameters == plain.parameters - (plain.conv_weights - pruned.kept_conv_weights)
+    assert pruned.compression_ratio == pytest.approx(pruned.conv_weights / pruned.kept_conv_weights)
