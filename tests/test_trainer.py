@@ -38,8 +38,9 @@ def test_train_learns_prunes_and_writes_outputs(tmp_path, fashion_dir):
 
 
 @pytest.mark.slow
-def test_resume_continues_the_same_run(tmp_path, fashion_dir, monkeypatch):
-    cfg = dict(SMALL, train_subset=600, data=str(fashion_dir))
+@pytest.mark.parametrize("method", ["clicktrain", "admm", "prunetrain"])
+def test_resume_continues_the_same_run(tmp_path, fashion_dir, monkeypatch, method):
+    cfg = dict(SMALL, train_subset=600, data=str(fashion_dir), method=method)
     full = Trainer(TrainConfig(out=str(tmp_path / "full"), **cfg)).run()
 
     original = Trainer._train_epoch
@@ -109,6 +110,15 @@ def test_cli_train_reports_bad_input_clearly(tmp_path):
                            "--hard", "2", "--epochs", "6", "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_bad_method_settings_are_clear_errors(tmp_path):
+    with pytest.raises(ct.ConfigError, match="choose one of"):
+        Trainer(TrainConfig(method="magic", data=str(tmp_path), out=str(tmp_path / "o"))).run()
+    with pytest.raises(ct.ConfigError, match="--target llvm .* does not apply"):
+        Trainer(TrainConfig(method="prunetrain", target="llvm", data=str(tmp_path), out=str(tmp_path / "o"))).run()
+    with pytest.raises(ct.ConfigError, match="admm_split"):
+        trainer_module._ratio("1:2", "admm_split", 3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")

@@ -128,6 +128,11 @@ class Trainer:
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
+        if cfg.method not in METHODS:
+            raise ConfigError(f"--method {cfg.method!r}; choose one of {sorted(METHODS)}")
+        if cfg.method in ("dense", "prunetrain") and cfg.target == "llvm":
+            raise ConfigError(f"--method {cfg.method} trains a plain model with no pattern-pruned convs, so "
+                              f"--target llvm (generated pattern kernels) does not apply: use --target torch")
         threads = set_threads(cfg.threads)
         device = torch.device("cuda" if cfg.target == "cuda" else "cpu")
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -138,8 +143,6 @@ class Trainer:
         np.random.seed(cfg.seed)
         x_train, y_train, x_test, y_test, fmt = self._data()
         num_classes = int(max(y_train.max(), y_test.max())) + 1
-        if cfg.method not in METHODS:
-            raise ConfigError(f"--method {cfg.method!r}; choose one of {sorted(METHODS)}")
         print(f"clicktrain train | CPU: {cpu_description()} | threads {threads} | data {fmt} "
               f"{tuple(x_train.shape)} -> {num_classes} classes | model {cfg.model} | target {cfg.target} | "
               f"method {cfg.method}: {METHODS[cfg.method]}")
