@@ -12,9 +12,9 @@ interrupted resumes from its checkpoint. Writes ``OUT/compare.csv``, ``compare.j
 one comparison at a time: the wall times are the point.
 
 Each method runs as its own ``clicktrain train`` process, as a user would run it: the
-``target="llvm"`` run with ``OMP_WAIT_POLICY=PASSIVE`` (TVM's thread pool needs the cores
-torch's OpenMP workers would spin on), the torch runs with OpenMP's default policy (PASSIVE
-measured 17 % slower there: VGG-11/4 training step 45.2 -> 52.7 ms on 2 cores).
+``target="llvm"`` run with the short OpenMP spin that ``clicktrain train --target llvm``
+sets (``clicktrain.cli.LLVM_OPENMP_ENV``; TVM's thread pool needs the cores torch's OpenMP
+workers would spin on), the torch runs with OpenMP's defaults.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from clicktrain.cli import LLVM_OPENMP_ENV
 from clicktrain.errors import ClicktrainError
 from clicktrain.machine import cpu_description
 from clicktrain.runtime.trainer import TrainConfig
@@ -74,8 +75,8 @@ def run_method(spec: str, base: TrainConfig, out: Path) -> tuple[str, dict]:
         if value is not None:
             cmd += [flag, str(value)]
     env = dict(os.environ)
-    if target == "llvm":
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if target == "llvm" and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(env):
+        env.update(LLVM_OPENMP_ENV)  # what `clicktrain train --target llvm` sets itself
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0 or not final_path.exists():
         raise ClicktrainError(f"{name}: `{' '.join(cmd)}` failed with exit status {proc.returncode} (output above)")
