@@ -25,7 +25,7 @@ def test_train_learns_prunes_and_writes_outputs(tmp_path, fashion_dir):
     assert final["test_accuracy"] > 0.6            # 10 classes: chance is 0.1
     assert final["compression_ratio"] > 4.0
     rows = (tmp_path / "metrics.csv").read_text().strip().splitlines()
-    assert len(rows) == 4 and rows[0].startswith("epoch,phase,loss")
+    assert len(rows) == 4 and rows[0].startswith("epoch,phase,phase_after,loss")
     assert [r.split(",")[1] for r in rows[1:]] == ["dense", "soft", "hard"]  # the phase each epoch trained in
     header = rows[0].split(",")
     density = [float(r.split(",")[header.index("conv_density")]) for r in rows[1:]]
