@@ -9,7 +9,7 @@ import os
 # torch baseline runs faster with OpenMP's default (measured 17 % on a VGG-11/4 training
 # step): benchmarks time it in a child process with DEFAULT_OMP_ENV.
 DEFAULT_OMP_ENV = "CLICKTRAIN_DEFAULT_OMP"
-if os.environ.get(DEFAULT_OMP_ENV) != "1":
+if os.environ.get(DEFAULT_OMP_ENV) != "1" and "GOMP_SPINCOUNT" not in os.environ:  # a set spin count wins
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import statistics  # noqa: E402
@@ -51,7 +51,8 @@ def header(threads: int, target: str = "llvm") -> str:
 
     from clicktrain.machine import cpu_description
     line = (f"CPU: {cpu_description()} | threads: torch {torch.get_num_threads()}, TVM {threads} | "
-            f"torch {torch.__version__}, TVM {tvm.__version__} | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+            f"torch {torch.__version__}, TVM {tvm.__version__} | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
+            f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
     if target == "cuda" and torch.cuda.is_available():
         line += f" | GPU: {torch.cuda.get_device_name()} (torch dense = cuDNN)"
     return line

@@ -128,7 +128,7 @@ def test_autotune_measures_once_and_remembers(tmp_path, monkeypatch):
     conv.autotune = True
     x = torch.randn(4, 8, 9, 9)
     torch.testing.assert_close(conv(x, masked_w, None), F.conv2d(x, masked_w, None, 1, 1), rtol=1e-4, atol=1e-4)
-    choice = conv._use[(4, 8, 9, 9)]
+    choice = conv._use[((4, 8, 9, 9), 64)]  # (input shape, kept kernels): 8x8, none dropped
     assert set(choice) == {"forward", "grad_input", "grad_weight"}
     assert (tmp_path / "tuning.json").is_file()
     again, _, _ = hardened_conv(8, 8, 1, 1, 1, 0.0, seed=5)
@@ -136,7 +136,12 @@ def test_autotune_measures_once_and_remembers(tmp_path, monkeypatch):
     monkeypatch.setattr("clicktrain.runtime.pattern_conv.LayerRunner.tune",
                         lambda *a, **k: pytest.fail("a remembered choice was measured again"))
     again(x, masked_w, None)
-    assert again._use[(4, 8, 9, 9)] == choice
+    assert again._use[((4, 8, 9, 9), 64)] == choice
+    # another density is another choice: measured, not taken from the first
+    sparser, sparse_w, _ = hardened_conv(8, 8, 1, 1, 1, 0.5, seed=5)
+    sparser.autotune = True
+    with pytest.raises(pytest.fail.Exception, match="measured again"):
+        sparser(x, sparse_w, None)
 
 
 def compiled_pair(name, connectivity=0.3):

@@ -222,7 +222,7 @@ class PatternConv2d(nn.Module):
         object.__setattr__(self, "_mask", mask)  # not a submodule: it lives in clicktrain_masks
         self._kernels: dict = {}   # (H, W) -> LayerKernels
         self._index = None         # (state key, device, LayerIndex)
-        self._use: dict = {}       # (input shape) -> {kind: generated?}, measured on first use
+        self._use: dict = {}       # (input shape, kept kernels) -> {kind: generated?}, measured on first use
         self.compile_seconds = 0.0
         # measured choice between generated kernel and torch per kind; CLICKTRAIN_AUTOTUNE=0
         # (or autotune = False) always runs the generated kernels
@@ -274,16 +274,19 @@ class PatternConv2d(nn.Module):
         return _PatternConvFunction.apply(x, weight, bias, runner)
 
     def choice_for(self, runner: LayerRunner, x_shape: tuple, weight, bias) -> dict:
-        """Generated kernel or torch, per kind, for this input shape: measured once, then
-        remembered (in memory and in the kernel cache directory)."""
+        """Generated kernel or torch, per kind, for this input shape and number of kept
+        kernels: measured once, then remembered (in memory and in the kernel cache directory)."""
         from ..codegen.cache import load_tuning, save_tuning
-        if x_shape not in self._use:
-            key = f"{runner.kernels.plan.forward.name}|{runner.kernels.target.description}|{x_shape}|{torch.get_num_threads()}"
+        kept = runner.index.fwd_layout.kept_kernels
+        if (x_shape, kept) not in self._use:
+            # the winner depends on how many kernels are kept, not only on the layer's shape
+            key = (f"{runner.kernels.plan.forward.name}|{runner.kernels.target.description}|{x_shape}|"
+                   f"{torch.get_num_threads()}|kept{kept}")
             use = load_tuning(key)
             if use is None:
                 with torch.no_grad():
                     runner.tune(x_shape, weight, bias)
                 use = runner.use
                 save_tuning(key, use)
-            self._use[x_shape] = use
-        return self._use[x_shape]
+            self._use[(x_shape, kept)] = use
+        return self._use[(x_shape, kept)]
