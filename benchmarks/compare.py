@@ -13,7 +13,7 @@ one comparison at a time: the wall times are the point.
 
 Each method runs as its own ``clicktrain train`` process, as a user would run it: the
 ``target="llvm"`` run with the short OpenMP spin that ``clicktrain train --target llvm``
-sets (``clicktrain.cli.LLVM_OPENMP_ENV``; TVM's thread pool needs the cores torch's OpenMP
+sets (``clicktrain.cli.llvm_openmp_env``; TVM's thread pool needs the cores torch's OpenMP
 workers would spin on), the torch runs with OpenMP's defaults.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from clicktrain.cli import LLVM_OPENMP_ENV
+from clicktrain.cli import llvm_openmp_env
 from clicktrain.errors import ClicktrainError
 from clicktrain.machine import cpu_description
 from clicktrain.runtime.trainer import TrainConfig
@@ -74,9 +74,8 @@ def run_method(spec: str, base: TrainConfig, out: Path) -> tuple[str, dict]:
     for flag, value in (("--data", base.data), ("--train-subset", base.train_subset), ("--threads", base.threads)):
         if value is not None:
             cmd += [flag, str(value)]
-    env = dict(os.environ)
-    if target == "llvm" and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(env):
-        env.update(LLVM_OPENMP_ENV)  # what `clicktrain train --target llvm` sets itself
+    # what `clicktrain train --target llvm` sets itself, set here so the run needs no restart
+    env = llvm_openmp_env(os.environ) if target == "llvm" else dict(os.environ)
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0 or not final_path.exists():
         raise ClicktrainError(f"{name}: `{' '.join(cmd)}` failed with exit status {proc.returncode} (output above)")

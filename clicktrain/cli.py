@@ -124,11 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
 LLVM_OPENMP_ENV = {"GOMP_SPINCOUNT": "2000"}
 
 
+def llvm_openmp_env(env) -> dict:
+    """``env`` with ``LLVM_OPENMP_ENV`` added, unless it already chooses an OpenMP wait setting."""
+    env = dict(env)
+    if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(env):
+        env.update(LLVM_OPENMP_ENV)
+    return env
+
+
 def _openmp_for_llvm(args, argv) -> None:
-    if argv is None and getattr(args, "target", None) == "llvm" and \
-            not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
-        os.environ.update(LLVM_OPENMP_ENV)
-        os.execv(sys.executable, [sys.executable, "-m", "clicktrain.cli", *sys.argv[1:]])
+    if argv is None and getattr(args, "target", None) == "llvm":
+        env = llvm_openmp_env(os.environ)
+        if env != dict(os.environ):
+            os.execve(sys.executable, [sys.executable, "-m", "clicktrain.cli", *sys.argv[1:]], env)
 
 
 def main(argv: list[str] | None = None) -> int:

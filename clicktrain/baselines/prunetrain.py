@@ -33,8 +33,14 @@ ZERO_THRESHOLD = 1e-4  # PruneTrain's: a group with a smaller norm counts as zer
 PRUNETRAIN_LR_STEPS = 391 * (91 * 0.1 + 45 * 0.01 + 46 * 0.001)
 
 
-def _group_norms_rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1).square().sum(1)
+def _input_norms(conv: nn.Conv2d) -> torch.Tensor:
+    """Norm of each input channel's group: the conv's weight columns."""
+    return conv.weight.square().sum((0, 2, 3)).sqrt()
+
+
+def _shrink(norm: torch.Tensor, amount: float) -> torch.Tensor:
+    """The proximal group-lasso factor ``max(0, 1 - amount / ||W_g||)`` per group."""
+    return (1 - amount / norm.clamp_min(1e-12)).clamp_min_(0)
 
 
 class PruneTrain:
@@ -72,13 +78,17 @@ class PruneTrain:
             tensors += [p for p in (bn.weight, bn.bias) if p is not None]
         return tensors
 
+    def _output_norms(self, name: str, conv: nn.Conv2d) -> torch.Tensor:
+        """Norm of each output channel's group (see ``_out_groups``)."""
+        return sum(t.reshape(t.shape[0], -1).square().sum(1) for t in self._out_groups(name, conv)).sqrt()
+
     @torch.no_grad()
     def penalty(self) -> float:
         total = 0.0
         for name, conv in self.convs:
-            total += float(sum(_group_norms_rows(t) for t in self._out_groups(name, conv)).sqrt().sum())
+            total += float(self._output_norms(name, conv).sum())
             if name in self.free_inputs:
-                total += float(conv.weight.square().sum((0, 2, 3)).sqrt().sum())
+                total += float(_input_norms(conv).sum())
         return total
 
     @torch.no_grad()
@@ -91,27 +101,23 @@ class PruneTrain:
         if shrink == 0:
             return
         for name, conv in self.convs:
-            tensors = self._out_groups(name, conv)
-            norm = sum(_group_norms_rows(t) for t in tensors).sqrt()
-            scale = (1 - shrink / norm.clamp_min(1e-12)).clamp_min_(0)
-            for t in tensors:
+            scale = _shrink(self._output_norms(name, conv), shrink)
+            for t in self._out_groups(name, conv):
                 t.mul_(scale.view(-1, *([1] * (t.dim() - 1))))
             if name in self.free_inputs:
-                norm = conv.weight.square().sum((0, 2, 3)).sqrt()
-                conv.weight.mul_((1 - shrink / norm.clamp_min(1e-12)).clamp_min_(0).view(1, -1, 1, 1))
+                conv.weight.mul_(_shrink(_input_norms(conv), shrink).view(1, -1, 1, 1))
 
     # -- reconfiguration -------------------------------------------------------------------
     @torch.no_grad()
     def _dead_channels(self, space) -> torch.Tensor:
         dead_out = None
         for name in space.producers:
-            conv = self.model.get_submodule(name)
-            zero = sum(_group_norms_rows(t) for t in self._out_groups(name, conv)).sqrt() < ZERO_THRESHOLD
+            zero = self._output_norms(name, self.model.get_submodule(name)) < ZERO_THRESHOLD
             dead_out = zero if dead_out is None else dead_out & zero
         if space.consumers and not space.linears:
             unread = None
             for name in space.consumers:
-                zero = self.model.get_submodule(name).weight.square().sum((0, 2, 3)).sqrt() < ZERO_THRESHOLD
+                zero = _input_norms(self.model.get_submodule(name)) < ZERO_THRESHOLD
                 unread = zero if unread is None else unread & zero
             dead_out = dead_out | unread
         return dead_out

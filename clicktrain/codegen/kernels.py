@@ -83,7 +83,6 @@ class KernelPlan:
         return (self.forward, self.grad_input, self.grad_weight)
 
 
-
 def choose_rows(lanes: int) -> int:
     """Rows of the register tile: 4, or 8 when rows are narrow (measured best on 7- and 14-wide maps)."""
     return 8 if lanes <= 8 else 4

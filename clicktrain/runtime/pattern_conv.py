@@ -83,19 +83,24 @@ class LayerRunner:
         g, plan = self.geometry, self.kernels.plan
         return self._padded(spec or plan.forward, x, g.padding[0], g.padding[1], plan.fwd_in)
 
-    def forward_generated(self, xpad, weight, bias, batch: int | None = None):
+    @staticmethod
+    def _run_direct(func, spec, xpad, weights, ptr, src, perm, bias, channels: int, batch: int, h: int, w: int):
+        """Run a direct-conv kernel (forward or grad-input) on its padded input; the result
+        as ``(batch, channels, h, w)``, whatever the kernel's layout."""
+        if spec.layout == "chwn":
+            out = torch.empty(channels, spec.out_h, spec.out_w, xpad.shape[-1], device=xpad.device)
+            _call(func, xpad, weights, ptr, src, perm, bias, out)
+            return _from_chwn(out, batch, h, w)
+        out = torch.empty(batch, channels, spec.out_h, spec.out_w, device=xpad.device)
+        _call(func, xpad, weights, ptr, src, perm, bias, out)
+        return out if out.shape[2:] == (h, w) else out[:, :, :h, :w].contiguous()
+
+    def forward_generated(self, xpad, weight, bias, batch: int):
         g, plan, idx = self.geometry, self.kernels.plan, self.index
         wc = weight.detach().reshape(-1)[idx.fwd_weight_index].contiguous()
         b = bias.detach().float().contiguous() if bias is not None else idx.bias_zeros(g.out_channels, xpad)
-        if plan.forward.layout == "chwn":
-            out = torch.empty(g.out_channels, plan.forward.out_h, plan.forward.out_w, xpad.shape[-1], device=xpad.device)
-            _call(self.kernels.forward, xpad, wc, idx.fwd_ptr, idx.fwd_src, idx.fwd_perm, b, out)
-            return _from_chwn(out, xpad.shape[-1] if batch is None else batch, g.out_h, g.out_w)
-        out = torch.empty(xpad.shape[0], g.out_channels, plan.forward.out_h, plan.forward.out_w, device=xpad.device)
-        _call(self.kernels.forward, xpad, wc, idx.fwd_ptr, idx.fwd_src, idx.fwd_perm, b, out)
-        if out.shape[2:] != (g.out_h, g.out_w):
-            out = out[:, :, :g.out_h, :g.out_w].contiguous()
-        return out
+        return self._run_direct(self.kernels.forward, plan.forward, xpad, wc, idx.fwd_ptr, idx.fwd_src, idx.fwd_perm,
+                                b, g.out_channels, batch, g.out_h, g.out_w)
 
     def forward(self, x, weight, bias):
         """(output, padded input for grad-weight or None)."""
@@ -120,16 +125,9 @@ class LayerRunner:
             up = dout
         upad = self._padded(plan.grad_input, up, 2 * dh - g.padding[0], 2 * dw - g.padding[1], plan.gi_in)
         wt = weight.detach().reshape(-1)[idx.bwd_weight_index].contiguous()
-        zeros = idx.bias_zeros(g.in_channels, dout)
-        if plan.grad_input.layout == "chwn":
-            dx = torch.empty(g.in_channels, plan.grad_input.out_h, plan.grad_input.out_w, upad.shape[-1], device=dout.device)
-            _call(self.kernels.grad_input, upad, wt, idx.bwd_ptr, idx.bwd_src, idx.bwd_perm, zeros, dx)
-            return _from_chwn(dx, dout.shape[0], g.in_h, g.in_w)
-        dx = torch.empty(dout.shape[0], g.in_channels, plan.grad_input.out_h, plan.grad_input.out_w, device=dout.device)
-        _call(self.kernels.grad_input, upad, wt, idx.bwd_ptr, idx.bwd_src, idx.bwd_perm, zeros, dx)
-        if dx.shape[2:] != (g.in_h, g.in_w):
-            dx = dx[:, :, :g.in_h, :g.in_w].contiguous()
-        return dx
+        return self._run_direct(self.kernels.grad_input, plan.grad_input, upad, wt, idx.bwd_ptr, idx.bwd_src,
+                                idx.bwd_perm, idx.bias_zeros(g.in_channels, dout), g.in_channels, dout.shape[0],
+                                g.in_h, g.in_w)
 
     def grad_weight(self, dout, x, xpad, weight):
         """Dense gradient holding the kept weights' gradients and exact zeros elsewhere."""
@@ -142,10 +140,7 @@ class LayerRunner:
         else:
             if xpad is None or plan.grad_weight.layout != plan.forward.layout:
                 xpad = self.pad_input(x, plan.grad_weight)
-            if plan.grad_weight.layout == "chwn":
-                dpad = _to_chwn(dout, 0, 0, g.out_h, g.out_w, plan.grad_weight.lanes)
-            else:
-                dpad = F.pad(dout, (0, plan.grad_weight.out_w - dout.shape[-1])).contiguous()
+            dpad = self._padded(plan.grad_weight, dout, 0, 0, (plan.grad_weight.out_h, plan.grad_weight.out_w))
             kept = torch.empty(idx.fwd_layout.kept_kernels, plan.forward.k, device=dout.device)
             _call(self.kernels.grad_weight, dpad, xpad, idx.gw_filter, idx.gw_channel, idx.gw_dst,
                   idx.gw_pattern_ptr, kept)
