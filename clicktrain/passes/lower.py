@@ -25,7 +25,7 @@ from torch import nn
 from ..util import format_table
 from .base import ClicktrainPass, PassResult, compile_state
 from .conv_sites import META_KEY, conv_args, is_conv2d_call, replace_node
-from .insert_masks import assert_weights_masked, mask_key
+from .insert_masks import MASKS_ATTR, assert_weights_masked, mask_key
 
 TARGETS = ("torch", "llvm", "cuda")
 KERNELS_ATTR = "clicktrain_kernels"
@@ -65,6 +65,7 @@ class LowerToTarget(ClicktrainPass):
                 call = gm.graph.call_module(by_site[site.name], (args["input"], args["weight"], args["bias"]))
             replace_node(gm, node, call)
             modified = True
+        _mark_kernel_consumed_masks(gm)
         gm.recompile()
         return PassResult(gm, modified)
 
@@ -79,6 +80,18 @@ class LowerToTarget(ClicktrainPass):
                 w = node.args[1]
                 assert w.op == "call_module" and w.target == site.mask_target, \
                     f"{node.name}: lowered conv '{site.name}' does not read its weight through its PatternMask"
+
+
+def _mark_kernel_consumed_masks(gm: fx.GraphModule) -> None:
+    """A PatternMask whose every output feeds a PatternConv2d need not multiply: the kernels
+    (and their torch fallbacks) read the kept weights only."""
+    readers: dict[str, bool] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target.startswith(MASKS_ATTR + "."):
+            only_kernels = all(_is_kernel_call(gm, user) and user.args[1] is node for user in node.users)
+            readers[node.target] = readers.get(node.target, True) and only_kernels
+    for target, only_kernels in readers.items():
+        gm.get_submodule(target).consumers_mask = only_kernels
 
 
 class GenerateKernels(ClicktrainPass):
@@ -138,6 +151,7 @@ def unlower_kernels(gm: fx.GraphModule) -> None:
             with gm.graph.inserting_before(node):
                 conv = gm.graph.call_function(torch.conv2d, (x, w, b, module.stride, module.padding, module.dilation, 1))
             replace_node(gm, node, conv)
+    _mark_kernel_consumed_masks(gm)  # plain convs again: masks multiply
     if hasattr(gm, KERNELS_ATTR):
         delattr(gm, KERNELS_ATTR)
     gm.recompile()

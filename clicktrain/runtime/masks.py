@@ -7,7 +7,10 @@ mask is derived from (library, pattern_ids) on demand and cached until either ch
 Phases: ``DENSE`` (weight passes through), ``SELECTED`` (patterns chosen, weight still
 passes through: the soft phase penalises what will be pruned), ``HARD`` (weight is
 multiplied by the mask, so pruned weights get zero gradient, and every optimizer step
-re-zeroes them in the parameter and in the optimizer's state).
+re-zeroes them in the parameter and in the optimizer's state). Where every reader of the
+mask's output is a generated-kernel conv (``consumers_mask``, set by ``LowerToTarget``), the
+multiply is skipped: those convs read only the kept weights and return exact zeros as the
+pruned weights' gradient, so the product would be computed and thrown away.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class PatternMask(nn.Module):
         self.register_buffer("library", torch.zeros(num_patterns, 9, dtype=torch.bool))
         self.register_buffer("pattern_ids", torch.full((out_channels, in_channels), UNASSIGNED, dtype=torch.int16))
         self.phase = Phase.DENSE
+        self.consumers_mask = False  # True: every consumer applies the mask itself (see module doc)
         self._mask_cache: tuple[tuple, torch.Tensor] | None = None
         self._pruned_cache: tuple[tuple, torch.Tensor] | None = None
 
@@ -95,10 +99,11 @@ class PatternMask(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.phase is not Phase.HARD:
             return weight
-        mask = self.mask()
         if isinstance(weight, nn.Parameter):
             _register_hardened(weight, self)
-        return weight * mask
+        if self.consumers_mask:
+            return weight
+        return weight * self.mask()
 
     def apply_(self, weight: torch.Tensor) -> None:
         """Zero the pruned entries of ``weight`` in place."""

@@ -5,7 +5,9 @@ cuda. It takes the (masked) dense weight, so optimizers and state_dict keep the 
 parameter API: forward gathers the kept weights into the compact layout (``K x k`` values,
 a cheap gather), and grad-weight writes the compact gradient straight from the kernel,
 scattered back into a dense gradient whose pruned entries are exactly zero. Tensors cross
-to TVM through DLPack without copies.
+to TVM through DLPack without copies. The weight arrives unmasked (its PatternMask skips
+the multiply, ``consumers_mask``): the generated kernels read kept weights only, and where
+torch's conv runs a kind instead it gets the weight with the pruned entries zeroed here.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def _call(func, *tensors) -> None:
 def _pad_to(x: torch.Tensor, top: int, left: int, rows: int, cols: int) -> torch.Tensor:
     """Pad (or crop, where negative) so the result is ``rows x cols`` with ``x`` at (top, left)."""
     h, w = x.shape[-2:]
-    return F.pad(x, (left, cols - w - left, top, rows - h - top)).contiguous()
+    pads = (left, cols - w - left, top, rows - h - top)
+    return x.contiguous() if not any(pads) else F.pad(x, pads).contiguous()  # F.pad would copy even then
 
 
 def _to_chwn(x: torch.Tensor, top: int, left: int, rows: int, cols: int, lanes: int) -> torch.Tensor:
@@ -58,6 +61,7 @@ def _from_chwn(buf: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
 
 
 KINDS = ("forward", "grad_input", "grad_weight")
+TUNING_METHOD = "glue-min"  # part of the tuning key: choices made by an older LayerRunner.tune are not reused
 
 
 class LayerRunner:
@@ -69,6 +73,18 @@ class LayerRunner:
         self.kernels, self.index = kernels, index
         self.geometry = kernels.plan.geometry
         self.use = use or {kind: True for kind in KINDS}
+
+    def _dense_from_kept(self, kept: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like the dense weight: ``kept`` (values in ``fwd_weight_index``
+        order) at the kept positions, exact zeros elsewhere."""
+        dense = torch.zeros(like.numel(), device=like.device, dtype=like.dtype)
+        dense[self.index.fwd_weight_index.reshape(-1)] = kept.reshape(-1).to(like.dtype)
+        return dense.view_as(like)
+
+    def masked(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight as torch's dense conv must see it: pruned entries exactly zero."""
+        w = weight.detach()
+        return self._dense_from_kept(w.reshape(-1)[self.index.fwd_weight_index], w)
 
     # -- generated kernels -----------------------------------------------------------------
     @staticmethod
@@ -108,14 +124,15 @@ class LayerRunner:
             xpad = self.pad_input(x)
             return self.forward_generated(xpad, weight, bias, x.shape[0]), xpad
         g = self.geometry
-        return F.conv2d(x, weight.detach(), None if bias is None else bias.detach(), g.stride, g.padding, g.dilation), None
+        return F.conv2d(x, self.masked(weight), None if bias is None else bias.detach(), g.stride, g.padding,
+                        g.dilation), None
 
     def grad_input(self, dout, weight, x_shape=None):
         g, plan, idx = self.geometry, self.kernels.plan, self.index
         if not self.use["grad_input"]:
             return torch.ops.aten.convolution_backward(
                 dout, torch.empty(x_shape or (dout.shape[0], g.in_channels, g.in_h, g.in_w), device=dout.device),
-                weight.detach(), None, list(g.stride), list(g.padding), list(g.dilation), False, [0, 0], 1,
+                self.masked(weight), None, list(g.stride), list(g.padding), list(g.dilation), False, [0, 0], 1,
                 [True, False, False])[0]
         (sh, sw), (dh, dw) = g.stride, g.dilation
         if (sh, sw) != (1, 1):  # zero-insertion turns the strided conv's gradient into a stride-1 one
@@ -144,39 +161,39 @@ class LayerRunner:
             kept = torch.empty(idx.fwd_layout.kept_kernels, plan.forward.k, device=dout.device)
             _call(self.kernels.grad_weight, dpad, xpad, idx.gw_filter, idx.gw_channel, idx.gw_dst,
                   idx.gw_pattern_ptr, kept)
-        dense = torch.zeros(weight.numel(), device=weight.device, dtype=weight.dtype)
-        dense[idx.fwd_weight_index.reshape(-1)] = kept.reshape(-1).to(weight.dtype)
-        return dense.view_as(weight)
+        return self._dense_from_kept(kept, weight)
 
     # -- measured choice -------------------------------------------------------------------
-    def tune(self, x_shape, weight, bias, repeats: int = 3) -> dict:
-        """Time each kind both ways on random data of the real batch size; keep the faster."""
+    def tune(self, x_shape, weight, bias, repeats: int = 5) -> dict:
+        """Time each kind both ways on random data of the real batch size, glue included
+        (padding, layout changes, weight gather and scatter), and keep the faster. The two
+        ways run alternately and compare by their fastest run: on a shared machine a burst
+        of load elsewhere then cannot decide the choice."""
         import time as _time
+        w, g = weight.detach(), self.geometry
         x = torch.randn(x_shape, device=weight.device)
-        w = weight.detach()
-        g = self.geometry
-        out = F.conv2d(x, w, None, g.stride, g.padding, g.dilation)
-        dout = torch.randn_like(out)
-        xpad = self.pad_input(x)
+        dout = torch.randn_like(F.conv2d(x, w, None, g.stride, g.padding, g.dilation))
+        generated, dense = self._with(**dict.fromkeys(KINDS, True)), self._with(**dict.fromkeys(KINDS, False))
 
-        def best_of(fn):
-            fn()
-            times = []
+        def fastest(a, b):
+            best = [float("inf"), float("inf")]
+            a(), b()  # warm-up
             for _ in range(repeats):
-                started = _time.perf_counter()
-                fn()
-                times.append(_time.perf_counter() - started)
-            return sorted(times)[len(times) // 2]
+                for i, fn in enumerate((a, b)):
+                    started = _time.perf_counter()
+                    fn()
+                    best[i] = min(best[i], _time.perf_counter() - started)
+            return tuple(best)
 
-        timings = {}
-        for kind, generated, dense in (
-            ("forward", lambda: self.forward_generated(xpad, w, bias, x.shape[0]), lambda: F.conv2d(x, w, bias, g.stride, g.padding, g.dilation)),
-            ("grad_input", lambda: self._with(grad_input=True).grad_input(dout, w, tuple(x.shape)),
-             lambda: self._with(grad_input=False).grad_input(dout, w, tuple(x.shape))),
-            ("grad_weight", lambda: self._with(grad_weight=True).grad_weight(dout, x, xpad, w),
-             lambda: self._with(grad_weight=False).grad_weight(dout, x, xpad, w)),
-        ):
-            timings[kind] = (best_of(generated), best_of(dense))
+        timings = {"forward": fastest(lambda: generated.forward(x, w, bias), lambda: dense.forward(x, w, bias)),
+                   "grad_input": fastest(lambda: generated.grad_input(dout, w, tuple(x.shape)),
+                                         lambda: dense.grad_input(dout, w, tuple(x.shape)))}
+        # grad-weight reuses the forward's padded input only if the generated forward runs
+        plan = self.kernels.plan
+        shared = timings["forward"][0] < timings["forward"][1] and plan.grad_weight.layout == plan.forward.layout
+        xpad = self.pad_input(x) if shared else None
+        timings["grad_weight"] = fastest(lambda: generated.grad_weight(dout, x, xpad, w),
+                                         lambda: dense.grad_weight(dout, x, None, w))
         self.use = {kind: t[0] < t[1] for kind, t in timings.items()}
         return timings
 
@@ -276,7 +293,7 @@ class PatternConv2d(nn.Module):
         if (x_shape, kept) not in self._use:
             # the winner depends on how many kernels are kept, not only on the layer's shape
             key = (f"{runner.kernels.plan.forward.name}|{runner.kernels.target.description}|{x_shape}|"
-                   f"{torch.get_num_threads()}|kept{kept}")
+                   f"{torch.get_num_threads()}|kept{kept}|{TUNING_METHOD}")
             use = load_tuning(key)
             if use is None:
                 with torch.no_grad():
