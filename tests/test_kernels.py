@@ -111,15 +111,19 @@ def test_every_mix_of_generated_and_torch_kernels_agrees(use):
     conv, masked_w, mask = hardened_conv(12, 10, 2, 1, 1, 0.3)
     x = torch.randn(3, 10, 11, 9)
     runner = LayerRunner(conv.kernels_for((11, 9), masked_w.shape), conv.index_for(x.device), {k: bool(v) for k, v in use.items()})
-    out, xpad = runner.forward(x, masked_w, None)
+    # the runner gets the weight unmasked (PatternMask skips the multiply before kernels):
+    # whatever the pruned entries hold, every path must compute with them as zeros
+    poisoned = masked_w.masked_fill(~mask.mask(), 1e3)
+    out, xpad = runner.forward(x, poisoned, None)
     ref = F.conv2d(x, masked_w, None, 2, 1, 1)
     assert rel_err(out, ref) < 1e-4
     dout = torch.randn_like(ref)
     x_ref, w_ref = x.clone().requires_grad_(True), masked_w.clone().requires_grad_(True)
     F.conv2d(x_ref, w_ref, None, 2, 1, 1).backward(dout)
-    assert rel_err(runner.grad_input(dout, masked_w, tuple(x.shape)), x_ref.grad) < 1e-4
-    dw = runner.grad_weight(dout, x, xpad, masked_w)
+    assert rel_err(runner.grad_input(dout, poisoned, tuple(x.shape)), x_ref.grad) < 1e-4
+    dw = runner.grad_weight(dout, x, xpad, poisoned)
     assert rel_err(dw, w_ref.grad * mask.mask()) < 1e-4
+    assert bool((dw[~mask.mask()] == 0).all())  # exact zeros: the optimizer keeps pruned weights at zero
 
 
 def test_autotune_measures_once_and_remembers(tmp_path, monkeypatch):
@@ -172,6 +176,19 @@ def test_whole_model_loss_and_gradients_equal_torch_reference(name):
     for key in grads_t:
         assert rel_err(grads_l[key], grads_t[key]) < 1e-4, key
     assert any("clicktrain_kernels" in n for n, _ in pair["llvm"].named_modules())
+
+
+def test_masks_before_generated_kernels_skip_the_multiply():
+    """Before: conv(x, mask(w)) with mask(w) = w * M. Expected on llvm: mask(w) = w (the
+    kernels read kept weights only), and unlowering for export multiplies again."""
+    from clicktrain.passes.lower import unlower_kernels
+    pair, x = compiled_pair("vgg")
+    assert all(layer.mask.consumers_mask for layer in prunable_layers(pair["llvm"]))
+    assert not any(layer.mask.consumers_mask for layer in prunable_layers(pair["torch"]))
+    layer = prunable_layers(pair["llvm"])[0]
+    assert layer.mask(layer.weight) is layer.weight
+    unlower_kernels(pair["llvm"])
+    assert not any(layer.mask.consumers_mask for layer in prunable_layers(pair["llvm"]))
 
 
 def test_training_on_llvm_learns_and_keeps_patterns():

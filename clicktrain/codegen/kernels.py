@@ -213,10 +213,11 @@ class LayerIndex:
     bwd_perm: torch.Tensor
     gw_filter: torch.Tensor
     gw_channel: torch.Tensor
-    gw_dst: torch.Tensor
     gw_pattern_ptr: torch.Tensor
-    fwd_weight_index: torch.Tensor   # (K, k) flat indices into the dense weight, on the device
-    bwd_weight_index: torch.Tensor   # the same in grad-input (transposed) order
+    gw_weight_index: torch.Tensor    # (K, k) int32 flat weight positions, pattern-major (grad-weight order)
+    fwd_widx: torch.Tensor           # (K, k) int32 flat weight positions in forward run order
+    bwd_widx: torch.Tensor           # the same in grad-input (transposed) run order
+    fwd_weight_index: torch.Tensor   # fwd_widx as int64, for torch indexing
     zero_bias: dict = field(default_factory=dict)
 
     @classmethod
@@ -231,8 +232,9 @@ class LayerIndex:
             return t.to(device=device, dtype=torch.int32).contiguous()
         return cls(fwd, bwd, i32(fwd.pattern_ptr()), i32(fwd.kernel_channel), i32(fwd.perm),
                    i32(bwd.pattern_ptr()), i32(bwd.kernel_channel), i32(bwd.perm),
-                   i32(fwd.kernel_filter[order]), i32(fwd.kernel_channel[order]), i32(order), i32(pattern_ptr),
-                   fwd.weight_index.to(device), bwd.weight_index.to(device))
+                   i32(fwd.kernel_filter[order]), i32(fwd.kernel_channel[order]), i32(pattern_ptr),
+                   i32(fwd.weight_index[order]), i32(fwd.weight_index), i32(bwd.weight_index),
+                   fwd.weight_index.to(device))
 
     def bias_zeros(self, channels: int, like: torch.Tensor) -> torch.Tensor:
         key = (channels, like.device)

@@ -7,12 +7,15 @@ and every library pattern ``p``, walk the run of kept kernels ``j`` in
 ``[ptr[f, p], ptr[f, p + 1])``, reading source channel ``src[j]`` at the pattern's
 *constant* offsets. The python loop over patterns unrolls at generation time, so there is
 no per-weight branching and no offset table in the inner loop; dropped kernels are simply
-absent from the runs. The output tile is ``rows x lanes`` accumulators (vectorised along
+absent from the runs. Weights are read from the dense weight tensor through ``widx[j, t]``
+(the flat position of kept weight ``t`` of kernel ``j``): one indirect scalar load per kept
+weight per output tile, instead of a gather into a compact copy on every call. The output tile is ``rows x lanes`` accumulators (vectorised along
 the output width on CPU; one thread per output pixel on CUDA).
 
 ``grad_weight`` -- for every kept kernel ``j`` (grouped by pattern, again with constant
 offsets), reduce ``dout[b, f_j, y, x] * inp[b, c_j, y*s + oy, x*s + ox]`` over batch and
-space, straight into the compact ``(K, k)`` gradient.
+space, straight into the kept positions ``gidx[j, t]`` of the dense gradient (the caller
+zeroes it: pruned weights get an exact zero).
 
 Small maps (rows narrower than a SIMD register) run the same two kernel shapes in the
 ``chwn`` layout: activations as ``(channels, H, W, batch)``, vectorised along the batch, the
@@ -36,6 +39,7 @@ class DirectConvSpec:
     name: str
     src_channels: int   # channels of the input buffer
     dst_channels: int   # output channels (rows of ptr)
+    # (the dense weight holds src_channels * dst_channels 3x3 kernels in either direction)
     in_h: int           # padded input extent
     in_w: int
     out_h: int          # padded output extent (multiple of rows)
@@ -72,6 +76,10 @@ class GradWeightSpec:
         return len(self.offsets[0])
 
 
+DIRECT_PARAMS = ["inp_h", "w_h", "widx_h", "ptr_h", "src_h", "perm_h", "bias_h", "out_h"]
+GRAD_WEIGHT_PARAMS = ["dout_h", "inp_h", "kf_h", "kc_h", "gidx_h", "pptr_h", "g_h"]
+
+
 def _header(name: str, params: list[str]) -> list[str]:
     return ["@T.prim_func",
             f"def {name}({', '.join(p + ': T.handle' for p in params)}):",
@@ -89,7 +97,8 @@ def _direct_buffers(s: DirectConvSpec) -> list[str]:
     P = len(s.offsets)
     return [
         f'    inp = T.match_buffer(inp_h, {_activation(s.src_channels, s.in_h, s.in_w, s.layout)}, "float32")',
-        f'    w = T.match_buffer(w_h, (kk, {s.k}), "float32")',
+        f'    w = T.match_buffer(w_h, ({s.src_channels * s.dst_channels * 9},), "float32")',
+        f'    widx = T.match_buffer(widx_h, (kk, {s.k}), "int32")',
         f'    ptr = T.match_buffer(ptr_h, ({s.dst_channels}, {P + 1}), "int32")',
         f'    src = T.match_buffer(src_h, (kk,), "int32")',
         f'    perm = T.match_buffer(perm_h, ({s.dst_channels},), "int32")',
@@ -106,7 +115,7 @@ def _fma_chain(acc: str, s, p: int, b: str, y: str, x: str) -> str:
     def at(dy, dx):
         pos = f"({y}) * {sh} + {dy}, ({x}) * {sw} + {dx}"
         return f"inp[src[j], {pos}, {b}]" if s.layout == "chwn" else f"inp[{b}, src[j], {pos}]"
-    terms = [f"w[j, {t}] * {at(dy, dx)}" for t, (dy, dx) in enumerate(s.offsets[p])]
+    terms = [f"w[widx[j, {t}]] * {at(dy, dx)}" for t, (dy, dx) in enumerate(s.offsets[p])]
     return f"{acc} = {acc} + " + " + ".join(terms)
 
 
@@ -135,7 +144,7 @@ def direct_conv_llvm(s: DirectConvSpec) -> str:
         return out + [pad + f"for v in T.vectorized({V}):", pad + "    " + body]
 
     init = f"bias[perm[{f}]]" if s.bias else "T.float32(0)"
-    lines = _header(s.name, ["inp_h", "w_h", "ptr_h", "src_h", "perm_h", "bias_h", "out_h"]) + _direct_buffers(s)
+    lines = _header(s.name, DIRECT_PARAMS) + _direct_buffers(s)
     lines += [f"    for bf in T.parallel({tasks}):",
               f'        acc = T.alloc_buffer({acc_shape}, "float32", scope="global")',
               f"        for {tile}:"]
@@ -153,7 +162,7 @@ def direct_conv_cuda(s: DirectConvSpec) -> str:
     O = s.dst_channels
     threads = min(256, s.out_h * s.out_w)
     pixels = s.out_h * s.out_w
-    lines = _header(s.name, ["inp_h", "w_h", "ptr_h", "src_h", "perm_h", "bias_h", "out_h"]) + _direct_buffers(s)
+    lines = _header(s.name, DIRECT_PARAMS) + _direct_buffers(s)
     init = f"bias[perm[bf % {O}]]" if s.bias else "T.float32(0)"
     lines += [
         f"    for bf in T.thread_binding(n * {O}, thread=\"blockIdx.x\"):",
@@ -181,9 +190,9 @@ def _grad_weight_buffers(s: GradWeightSpec) -> list[str]:
         f'    inp = T.match_buffer(inp_h, {_activation(s.src_channels, s.in_h, s.in_w, s.layout)}, "float32")',
         f'    kf = T.match_buffer(kf_h, (kk,), "int32")',
         f'    kc = T.match_buffer(kc_h, (kk,), "int32")',
-        f'    dst = T.match_buffer(dst_h, (kk,), "int32")',
+        f'    gidx = T.match_buffer(gidx_h, (kk, {s.k}), "int32")',
         f'    pptr = T.match_buffer(pptr_h, ({P + 1},), "int32")',
-        f'    g = T.match_buffer(g_h, (kk, {s.k}), "float32")',
+        f'    g = T.match_buffer(g_h, ({s.src_channels * s.dst_channels * 9},), "float32")',
     ]
 
 
@@ -203,7 +212,7 @@ def grad_weight_llvm(s: GradWeightSpec) -> str:
         reduce, x, lane = f"y, x, bb in T.grid({s.true_out_h}, {s.out_w}, n // {V})", "x", f"bb * {V} + v"
     else:
         reduce, x, lane = f"b, y, xt in T.grid(n, {s.true_out_h}, {s.out_w // V})", f"xt * {V} + v", ""
-    lines = _header(s.name, ["dout_h", "inp_h", "kf_h", "kc_h", "dst_h", "pptr_h", "g_h"]) + _grad_weight_buffers(s)
+    lines = _header(s.name, GRAD_WEIGHT_PARAMS) + _grad_weight_buffers(s)
     for p in range(len(s.offsets)):
         lines += [
             f"    for j in T.parallel(pptr[{p}], pptr[{p + 1}]):",
@@ -218,9 +227,9 @@ def grad_weight_llvm(s: GradWeightSpec) -> str:
                       f"                acc[{t}, v] = acc[{t}, v] + " + _gw_term(s, t, p, x, lane)]
         lines += [
             f"        for t in T.unroll({k}):",
-            "            g[dst[j], t] = T.float32(0)",
+            "            g[gidx[j, t]] = T.float32(0)",
             f"            for v in range({V}):",
-            "                g[dst[j], t] = g[dst[j], t] + acc[t, v]",
+            "                g[gidx[j, t]] = g[gidx[j, t]] + acc[t, v]",
         ]
     return "\n".join(lines) + "\n"
 
@@ -231,7 +240,7 @@ def grad_weight_cuda(s: GradWeightSpec) -> str:
     pattern-major, so a warp almost always takes one pattern's branch; the grid depends on
     shapes only (launch sizes are computed on the host) and is never empty."""
     k, threads = s.k, 64
-    lines = _header(s.name, ["dout_h", "inp_h", "kf_h", "kc_h", "dst_h", "pptr_h", "g_h"]) + _grad_weight_buffers(s)
+    lines = _header(s.name, GRAD_WEIGHT_PARAMS) + _grad_weight_buffers(s)
     lines += [
         f"    for jb in T.thread_binding(T.max((kk + {threads - 1}) // {threads}, 1), thread=\"blockIdx.x\"):",
         f"        for tx in T.thread_binding({threads}, thread=\"threadIdx.x\"):",
@@ -247,5 +256,5 @@ def grad_weight_cuda(s: GradWeightSpec) -> str:
         ]
         lines += [f"                    acc[{t}] = acc[{t}] + " + _gw_term(s, t, p, "x") for t in range(k)]
         lines += [f"                for t in range({k}):",
-                  "                    g[dst[j], t] = acc[t]"]
+                  "                    g[gidx[j, t]] = acc[t]"]
     return "\n".join(lines) + "\n"

@@ -2,9 +2,9 @@
 
 ``PatternConv2d`` replaces ``torch.conv2d`` for a prunable conv when the target is llvm or
 cuda. It takes the (masked) dense weight, so optimizers and state_dict keep the dense
-parameter API: forward gathers the kept weights into the compact layout (``K x k`` values,
-a cheap gather), and grad-weight writes the compact gradient straight from the kernel,
-scattered back into a dense gradient whose pruned entries are exactly zero. Tensors cross
+parameter API: the kernels read the kept weights straight from it through the layout's
+index arrays (``K x k`` flat positions, no compact copy per call), and grad-weight writes
+the kept weights' gradients into a zeroed dense gradient, so pruned entries get exact zeros. Tensors cross
 to TVM through DLPack without copies. The weight arrives unmasked (its PatternMask skips
 the multiply, ``consumers_mask``): the generated kernels read kept weights only, and where
 torch's conv runs a kind instead it gets the weight with the pruned entries zeroed here.
@@ -100,23 +100,24 @@ class LayerRunner:
         return self._padded(spec or plan.forward, x, g.padding[0], g.padding[1], plan.fwd_in)
 
     @staticmethod
-    def _run_direct(func, spec, xpad, weights, ptr, src, perm, bias, channels: int, batch: int, h: int, w: int):
-        """Run a direct-conv kernel (forward or grad-input) on its padded input; the result
-        as ``(batch, channels, h, w)``, whatever the kernel's layout."""
+    def _run_direct(func, spec, xpad, weight, widx, ptr, src, perm, bias, channels: int, batch: int, h: int, w: int):
+        """Run a direct-conv kernel (forward or grad-input) on its padded input, reading the
+        dense ``weight`` at ``widx``; the result as ``(batch, channels, h, w)``, whatever the
+        kernel's layout."""
+        weight = weight.detach().reshape(-1)
         if spec.layout == "chwn":
             out = torch.empty(channels, spec.out_h, spec.out_w, xpad.shape[-1], device=xpad.device)
-            _call(func, xpad, weights, ptr, src, perm, bias, out)
+            _call(func, xpad, weight, widx, ptr, src, perm, bias, out)
             return _from_chwn(out, batch, h, w)
         out = torch.empty(batch, channels, spec.out_h, spec.out_w, device=xpad.device)
-        _call(func, xpad, weights, ptr, src, perm, bias, out)
+        _call(func, xpad, weight, widx, ptr, src, perm, bias, out)
         return out if out.shape[2:] == (h, w) else out[:, :, :h, :w].contiguous()
 
     def forward_generated(self, xpad, weight, bias, batch: int):
         g, plan, idx = self.geometry, self.kernels.plan, self.index
-        wc = weight.detach().reshape(-1)[idx.fwd_weight_index].contiguous()
         b = bias.detach().float().contiguous() if bias is not None else idx.bias_zeros(g.out_channels, xpad)
-        return self._run_direct(self.kernels.forward, plan.forward, xpad, wc, idx.fwd_ptr, idx.fwd_src, idx.fwd_perm,
-                                b, g.out_channels, batch, g.out_h, g.out_w)
+        return self._run_direct(self.kernels.forward, plan.forward, xpad, weight, idx.fwd_widx, idx.fwd_ptr,
+                                idx.fwd_src, idx.fwd_perm, b, g.out_channels, batch, g.out_h, g.out_w)
 
     def forward(self, x, weight, bias):
         """(output, padded input for grad-weight or None)."""
@@ -141,9 +142,8 @@ class LayerRunner:
         else:
             up = dout
         upad = self._padded(plan.grad_input, up, 2 * dh - g.padding[0], 2 * dw - g.padding[1], plan.gi_in)
-        wt = weight.detach().reshape(-1)[idx.bwd_weight_index].contiguous()
-        return self._run_direct(self.kernels.grad_input, plan.grad_input, upad, wt, idx.bwd_ptr, idx.bwd_src,
-                                idx.bwd_perm, idx.bias_zeros(g.in_channels, dout), g.in_channels, dout.shape[0],
+        return self._run_direct(self.kernels.grad_input, plan.grad_input, upad, weight, idx.bwd_widx, idx.bwd_ptr,
+                                idx.bwd_src, idx.bwd_perm, idx.bias_zeros(g.in_channels, dout), g.in_channels, dout.shape[0],
                                 g.in_h, g.in_w)
 
     def grad_weight(self, dout, x, xpad, weight):
@@ -153,15 +153,14 @@ class LayerRunner:
             full = torch.ops.aten.convolution_backward(
                 dout, x, weight.detach(), None, list(g.stride), list(g.padding), list(g.dilation), False, [0, 0], 1,
                 [False, True, False])[1]
-            kept = full.reshape(-1)[idx.fwd_weight_index]  # kept weights only, as the kernel does
-        else:
-            if xpad is None or plan.grad_weight.layout != plan.forward.layout:
-                xpad = self.pad_input(x, plan.grad_weight)
-            dpad = self._padded(plan.grad_weight, dout, 0, 0, (plan.grad_weight.out_h, plan.grad_weight.out_w))
-            kept = torch.empty(idx.fwd_layout.kept_kernels, plan.forward.k, device=dout.device)
-            _call(self.kernels.grad_weight, dpad, xpad, idx.gw_filter, idx.gw_channel, idx.gw_dst,
-                  idx.gw_pattern_ptr, kept)
-        return self._dense_from_kept(kept, weight)
+            return self._dense_from_kept(full.reshape(-1)[idx.fwd_weight_index], weight)  # kept ones, as the kernel
+        if xpad is None or plan.grad_weight.layout != plan.forward.layout:
+            xpad = self.pad_input(x, plan.grad_weight)
+        dpad = self._padded(plan.grad_weight, dout, 0, 0, (plan.grad_weight.out_h, plan.grad_weight.out_w))
+        dense = torch.zeros_like(weight, dtype=torch.float32, memory_format=torch.contiguous_format)
+        _call(self.kernels.grad_weight, dpad, xpad, idx.gw_filter, idx.gw_channel, idx.gw_weight_index,
+              idx.gw_pattern_ptr, dense.view(-1))
+        return dense.to(weight.dtype)
 
     # -- measured choice -------------------------------------------------------------------
     def tune(self, x_shape, weight, bias, repeats: int = 5) -> dict:
