@@ -1,26 +1,38 @@
 """A full training step (forward, backward, SGD step) of a hardened model on generated
 kernels (``target="llvm"``) against the same model trained dense with torch.
 
-Both are measured in this run on this machine, with the same threads; the llvm model picks,
-per layer and kernel kind, the faster of its generated kernel and torch's dense conv (that
-choice is measured during warm-up and is part of what is timed after it). The dense model
-is the plain ``nn.Module``, timed in a child process with OpenMP's default wait policy (the
-llvm and torch-masked models run with ``OMP_WAIT_POLICY=PASSIVE``, which TVM needs).
+All three models -- dense (the plain ``nn.Module``), torch-masked (hardened on
+``target="torch"``) and llvm (hardened on ``target="llvm"``) -- live in this one process and
+take their steps in turn, round after round, so a slow minute of this shared machine slows
+all three alike; each figure is the median over the rounds. The process runs under the
+OpenMP setting ``clicktrain train --target llvm`` uses (``GOMP_SPINCOUNT=2000``, measured as
+fast as OpenMP's default for dense torch: ``benchmarks/openmp_wait.py``) unless you set one.
+The llvm model picks, per layer and kernel kind, the faster of its generated kernel and
+torch's dense conv (measured during warm-up, glue included); the choice is printed.
 
     .venv/bin/python benchmarks/train_step.py [--models vgg11 resnet20] [--sizes 28 32] [--batch 64]
+    .venv/bin/python benchmarks/train_step.py --models vgg11 --sizes 28 --width 0.25 --in-channels 1 \\
+        --ramp --profile          # the main job's model and pruning, with time per op
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_OMP_ENV, header, in_default_omp_process, median_seconds  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from clicktrain.cli import llvm_openmp_env  # noqa: E402
 
-import json  # noqa: E402
-import os  # noqa: E402
+if llvm_openmp_env(os.environ) != dict(os.environ):  # OpenMP reads it when torch loads: restart once
+    os.execve(sys.executable, [sys.executable, *sys.argv], llvm_openmp_env(os.environ))
+from _common import header  # noqa: E402
+
+import collections  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -28,25 +40,66 @@ import torch.nn.functional as F  # noqa: E402
 import clicktrain as ct  # noqa: E402
 from clicktrain.machine import set_threads  # noqa: E402
 from clicktrain.models import build_model  # noqa: E402
+from clicktrain.passes.insert_masks import prunable_layers  # noqa: E402
 from clicktrain.runtime.pattern_conv import PatternConv2d  # noqa: E402
+from clicktrain.runtime.selection import ramped_connectivity  # noqa: E402
 
 
-def step_time(model, x, y, repeats):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+def stepper(model, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
     def step():
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    return median_seconds(step, repeats=repeats, warmup=2)
+    return step
 
 
-def dense_step(name: str, size: int, args) -> float:
-    assert os.environ.get(DEFAULT_OMP_ENV) == "1"
+def hardened(name, x, target, connectivity, ramp, args):
     torch.manual_seed(0)
-    model = build_model(name, in_channels=3, num_classes=10, width=args.width)
-    x, y = torch.randn(args.batch, 3, size, size), torch.randint(0, 10, (args.batch,))
-    return step_time(model, x, y, args.repeats)
+    m = ct.compile_for_training(build_model(name, x.shape[1], 10, width=args.width), x[:2], target=target,
+                                config=ct.PruneConfig(connectivity=connectivity))
+    ratios = None
+    if ramp:  # the trainer's default: drop ratios rising with depth, same overall compression
+        layers = prunable_layers(m)
+        ratios = dict(zip((layer.site.name for layer in layers),
+                          ramped_connectivity(connectivity, [layer.mask.pattern_ids.numel() for layer in layers])))
+    ct.select_patterns(m, connectivity=ratios)
+    ct.harden(m)
+    return m
+
+
+def round_robin(steps: dict, rounds: int, warmup: int = 3) -> dict:
+    """Median seconds per step of each stepper, taking one step of each in turn."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def op_profile(steps: dict, rounds: int = 4, per_round: int = 5) -> str:
+    """Self CPU time per op and step, per model: where a step's time goes."""
+    from torch.profiler import profile
+    totals = {name: collections.Counter() for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            with profile() as prof:
+                for _ in range(per_round):
+                    step()
+            for event in prof.key_averages():
+                totals[name][event.key] += event.self_cpu_time_total / 1e3 / (rounds * per_round)
+    keys = sorted(set().union(*totals.values()), key=lambda k: -sum(t[k] for t in totals.values()))
+    lines = [f"{'op (self CPU ms per step)':<44}" + "".join(f"{name:>14}" for name in steps)]
+    for key in keys[:20]:
+        lines.append(f"{key[:44]:<44}" + "".join(f"{totals[name][key]:>14.2f}" for name in steps))
+    lines.append(f"{'total (all ops)':<44}" + "".join(f"{sum(totals[name].values()):>14.2f}" for name in steps))
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -55,41 +108,40 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[28, 32])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--in-channels", type=int, default=3)
     parser.add_argument("--connectivity", type=float, nargs="+", default=[0.0, 0.5, 0.75])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ramp", action="store_true", help="per-layer drop ratios rising with depth (the trainer's default)")
+    parser.add_argument("--repeats", type=int, default=15, help="rounds (one step of each model per round)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--dense-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help="also print the time per op of dense and llvm")
     args = parser.parse_args()
     threads = set_threads(args.threads)
-    if args.dense_only:  # the child: dense step times as JSON
-        print(json.dumps({f"{n}@{s}": dense_step(n, s, args) for n in args.models for s in args.sizes}))
-        return
-    common = ["--models", *args.models, "--sizes", *map(str, args.sizes), "--batch", str(args.batch),
-              "--width", str(args.width), "--repeats", str(args.repeats), "--threads", str(threads)]
-    dense_times = json.loads(in_default_omp_process(__file__, common + ["--dense-only"]))
     print(header(threads))
-    print(f"batch {args.batch}, width {args.width}; ratio = dense step time / pruned step time (>1: pruned is faster); "
-          f"dense = the plain model, timed in a child process with OpenMP's default wait policy")
+    print(f"batch {args.batch}, width {args.width}, {args.in_channels} input channels"
+          f"{', layer-ramped drop ratios' if args.ramp else ''}; ratio = dense step time / llvm step time "
+          f"(>1: llvm is faster); median over {args.repeats} rounds, the three models alternating")
     print(f"{'model':<10} {'input':>6} {'density':>8} {'dense ms':>9} {'torch-masked ms':>16} {'llvm ms':>8} "
           f"{'llvm vs dense':>14}  generated kinds (fwd/dgrad/wgrad) per layer")
     for name in args.models:
         for size in args.sizes:
-            x, y = torch.randn(args.batch, 3, size, size), torch.randint(0, 10, (args.batch,))
-            dense = dense_times[f"{name}@{size}"]
+            torch.manual_seed(0)
+            x, y = torch.randn(args.batch, args.in_channels, size, size), torch.randint(0, 10, (args.batch,))
+            torch.manual_seed(0)
+            dense_model = build_model(name, args.in_channels, 10, width=args.width)
             for connectivity in args.connectivity:
-                times = {}
-                for target in ("torch", "llvm"):
-                    torch.manual_seed(0)
-                    m = ct.compile_for_training(build_model(name, 3, 10, width=args.width), x[:2], target=target,
-                                                config=ct.PruneConfig(connectivity=connectivity))
-                    ct.select_patterns(m)
-                    ct.harden(m)
-                    times[target] = step_time(m, x, y, args.repeats)
+                llvm = hardened(name, x, "llvm", connectivity, args.ramp, args)
+                steps = {"dense": stepper(dense_model, x, y),
+                         "torch-masked": stepper(hardened(name, x, "torch", connectivity, args.ramp, args), x, y),
+                         "llvm": stepper(llvm, x, y)}
+                times = round_robin(steps, args.repeats)
                 kinds = " ".join("".join("G" if u else "t" for u in mod._use[next(iter(mod._use))].values())
-                                 for mod in m.modules() if isinstance(mod, PatternConv2d) and mod._use)
-                report = ct.pruning_report(m)
-                print(f"{name:<10} {size:>6} {report.conv_density:>8.3f} {dense * 1e3:>9.1f} {times['torch'] * 1e3:>16.1f} "
-                      f"{times['llvm'] * 1e3:>8.1f} {dense / times['llvm']:>13.2f}x  {kinds}")
+                                 for mod in llvm.modules() if isinstance(mod, PatternConv2d) and mod._use)
+                density = ct.pruning_report(llvm).conv_density
+                print(f"{name:<10} {size:>6} {density:>8.3f} {times['dense'] * 1e3:>9.1f} "
+                      f"{times['torch-masked'] * 1e3:>16.1f} {times['llvm'] * 1e3:>8.1f} "
+                      f"{times['dense'] / times['llvm']:>13.2f}x  {kinds}", flush=True)
+                if args.profile:
+                    print(op_profile({k: steps[k] for k in ("dense", "llvm")}))
     print("G = generated kernel, t = torch dense conv on the masked weight (measured faster for that layer)")
 
 

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="PruneTrain: group-lasso penalty as a fraction of the initial loss")
     train.add_argument("--reconfigure-every", type=int, default=d.reconfigure_every,
                        help="PruneTrain: epochs between channel removals (0: epochs // 10)")
+    train.add_argument("--kernel-race", action=argparse.BooleanOptionalAction, default=d.kernel_race,
+                       help="--target llvm/cuda: after hardening, alternate training steps on the generated kernels "
+                            "and on torch's conv, and keep the faster")
     train.set_defaults(func=_train)
 
     exp = sub.add_parser("export", help="export a checkpoint to ONNX")

@@ -191,6 +191,30 @@ def test_masks_before_generated_kernels_skip_the_multiply():
     assert not any(layer.mask.consumers_mask for layer in prunable_layers(pair["llvm"]))
 
 
+@pytest.mark.parametrize("generated_faster", [True, False])
+def test_kernel_race_alternates_then_keeps_the_faster(generated_faster):
+    from clicktrain.runtime.pattern_conv import KernelRace
+    pair, x = compiled_pair("vgg")
+    m = pair["llvm"]
+    convs = [mod for mod in m.modules() if isinstance(mod, PatternConv2d)]
+    race = KernelRace(m, steps=3, warmup=1)
+    seen = []
+    while not race.decided:
+        race.before_step()
+        modes = {conv.generated for conv in convs}
+        assert len(modes) == 1  # the whole model switches together
+        generated = modes.pop()
+        seen.append(generated)
+        race.after_step(1.0 if generated == generated_faster else 2.0)
+    assert seen == [True, False] * 4  # alternating; one warm-up step each is not timed
+    assert race.winner is generated_faster and all(conv.generated is generated_faster for conv in convs)
+    assert race.summary()["chosen"] == ("generated" if generated_faster else "torch")
+    race.before_step()  # decided: nothing switches any more
+    assert all(conv.generated is generated_faster for conv in convs)
+    # either way the model computes what the torch target computes
+    torch.testing.assert_close(m(x), pair["torch"](x), rtol=1e-4, atol=1e-4)
+
+
 def test_training_on_llvm_learns_and_keeps_patterns():
     torch.manual_seed(0)
     pair, _ = compiled_pair("vgg", connectivity=0.5)

@@ -38,6 +38,17 @@ def test_train_learns_prunes_and_writes_outputs(tmp_path, fashion_dir):
 
 
 @pytest.mark.slow
+def test_llvm_training_races_generated_kernels_against_torch(tmp_path, fashion_dir):
+    cfg = dict(SMALL, epochs=2, choose=0, hard=1, data=str(fashion_dir), target="llvm")
+    final = Trainer(TrainConfig(out=str(tmp_path), **cfg)).run()
+    race = final["kernel_race"]  # 32 steps in the hard epoch: 2 x (2 warm-up + 12 timed) decide it
+    assert race["chosen"] in ("generated", "torch") and race["generated_ms"] > 0 and race["torch_ms"] > 0
+    assert final["test_accuracy"] > 0.5 and final["compression_ratio"] > 4.0
+    off = Trainer(TrainConfig(out=str(tmp_path / "off"), kernel_race=False, **cfg)).run()
+    assert "kernel_race" not in off
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["clicktrain", "admm", "prunetrain"])
 def test_resume_continues_the_same_run(tmp_path, fashion_dir, monkeypatch, method):
     cfg = dict(SMALL, train_subset=600, data=str(fashion_dir), method=method)
@@ -45,10 +56,10 @@ def test_resume_continues_the_same_run(tmp_path, fashion_dir, monkeypatch, metho
 
     original = Trainer._train_epoch
 
-    def crash_in_third_epoch(self, m, opt, sched, pruner, x, y, epoch):
+    def crash_in_third_epoch(self, m, opt, sched, pruner, x, y, epoch, race=None):
         if epoch == 2:
             raise KeyboardInterrupt
-        return original(self, m, opt, sched, pruner, x, y, epoch)
+        return original(self, m, opt, sched, pruner, x, y, epoch, race)
 
     monkeypatch.setattr(Trainer, "_train_epoch", crash_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):

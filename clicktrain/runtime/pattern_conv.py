@@ -13,6 +13,7 @@ torch's conv runs a kind instead it gets the weight with the pruned entries zero
 from __future__ import annotations
 
 import os
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -238,6 +239,9 @@ class PatternConv2d(nn.Module):
         # measured choice between generated kernel and torch per kind; CLICKTRAIN_AUTOTUNE=0
         # (or autotune = False) always runs the generated kernels
         self.autotune = os.environ.get("CLICKTRAIN_AUTOTUNE", "1") != "0"
+        # False: torch's dense conv (on the masked weight) runs every kind, e.g. because whole
+        # training steps were measured faster that way (KernelRace)
+        self.generated = True
 
     def extra_repr(self) -> str:
         return f"site={self.site_name!r}, target={self.target!r}"
@@ -280,7 +284,9 @@ class PatternConv2d(nn.Module):
         if x.dtype != torch.float32:
             raise TargetError(f"'{self.site_name}': generated kernels are float32, got {x.dtype}")
         runner = LayerRunner(self.kernels_for(tuple(x.shape[-2:]), weight.shape), self.index_for(x.device))
-        if self.autotune:
+        if not self.generated:
+            runner.use = dict.fromkeys(KINDS, False)
+        elif self.autotune:
             runner.use = self.choice_for(runner, tuple(x.shape), weight, bias)
         return _PatternConvFunction.apply(x, weight, bias, runner)
 
@@ -301,3 +307,63 @@ class PatternConv2d(nn.Module):
                 save_tuning(key, use)
             self._use[(x_shape, kept)] = use
         return self._use[(x_shape, kept)]
+
+
+def set_generated(model: nn.Module, enabled: bool) -> None:
+    """Run every hardened prunable conv of ``model`` on its generated kernels (the per-layer
+    measured choice) or, with ``enabled=False``, on torch's dense conv of the masked weight."""
+    for module in model.modules():
+        if isinstance(module, PatternConv2d):
+            module.generated = enabled
+
+
+class KernelRace:
+    """Generated kernels against torch's conv, decided on the training steps themselves.
+
+    Each layer's kernel choice is measured in isolation; a training step adds what isolation
+    does not show: TVM's thread pool and torch's OpenMP workers handing the cores to each
+    other around every call, caches shared with BatchNorm, pooling and the optimizer. Measured
+    on VGG-11/4 (docs/performance.md), steps whose every layer chose its generated kernels ran
+    slower than torch's. So the first ``2 * (warmup + steps)`` steps after hardening alternate
+    between the two (they compute the same numbers, so these are ordinary training steps), and
+    the faster by median step time runs from then on.
+
+        race = KernelRace(model)
+        for x, y in loader:
+            race.before_step()
+            started = time.perf_counter(); train_step(x, y); race.after_step(time.perf_counter() - started)
+    """
+
+    def __init__(self, model: nn.Module, steps: int = 12, warmup: int = 2):
+        self.model, self.steps, self.warmup = model, steps, warmup
+        self.times: dict[bool, list[float]] = {True: [], False: []}
+        self._step = 0
+        self.winner: bool | None = None   # True: generated kernels
+
+    @property
+    def decided(self) -> bool:
+        return self.winner is not None
+
+    def _generated_now(self) -> bool:
+        return self._step % 2 == 0
+
+    def before_step(self) -> None:
+        if not self.decided:
+            set_generated(self.model, self._generated_now())
+
+    def after_step(self, seconds: float) -> None:
+        if self.decided:
+            return
+        if self._step // 2 >= self.warmup:  # the first steps of each compile, tune, warm caches
+            self.times[self._generated_now()].append(seconds)
+        self._step += 1
+        if all(len(t) >= self.steps for t in self.times.values()):
+            generated, dense = (statistics.median(self.times[k]) for k in (True, False))
+            self.winner = generated <= dense
+            set_generated(self.model, self.winner)
+
+    def summary(self) -> dict:
+        medians = {("generated_ms" if k else "torch_ms"): round(statistics.median(t) * 1e3, 2)
+                   for k, t in self.times.items() if t}
+        chosen = None if not self.decided else ("generated" if self.winner else "torch")
+        return {**medians, "chosen": chosen}

@@ -24,6 +24,7 @@ from ..errors import ConfigError, StateError, TargetError
 from ..machine import cpu_description, set_threads
 from ..models import build_model
 from ..util import atomic_write, atomic_write_text
+from .pattern_conv import KernelRace
 from .report import conv_positions, model_costs, pruning_report
 from .schedule import ClickTrain
 
@@ -65,6 +66,7 @@ class TrainConfig:
     penalty_ratio: float = 0.2      # PruneTrain: group-lasso penalty / loss at the start
     reconfigure_every: int = 0      # PruneTrain: epochs between channel removals (0: epochs // 10)
     penalty_budget: bool = True     # PruneTrain: scale lam to its original 182-epoch schedule's reach
+    kernel_race: bool = True        # llvm/cuda: after hardening, time steps on generated kernels vs torch's conv
     extra: dict = field(default_factory=dict)
 
     def prune_config(self) -> PruneConfig:
@@ -178,11 +180,14 @@ class Trainer:
             start_epoch, wall_before, metrics = self._load(m, opt, sched, pruner)
             print(f"resumed from {self.out / CHECKPOINT} after epoch {start_epoch}")
         started = time.perf_counter()
+        race = None
         for epoch in range(start_epoch, cfg.epochs):
             epoch_started = time.perf_counter()
             phase = pruner.phase if pruner else "dense"  # the phase this epoch trains in
             step_flops = 3 * costs().flops  # forward + grad-input + grad-weight, per sample
-            loss, train_acc = self._train_epoch(m, opt, sched, pruner, x_train, y_train, epoch)
+            if race is None and cfg.kernel_race and cfg.target != "torch" and pruner is not None and pruner.applied:
+                race = KernelRace(m)
+            loss, train_acc = self._train_epoch(m, opt, sched, pruner, x_train, y_train, epoch, race)
             if pruner is not None:
                 pruner.epoch_end()
             epoch_seconds = time.perf_counter() - epoch_started
@@ -218,6 +223,8 @@ class Trainer:
             "importance_overhead_s": getattr(pruner, "importance_seconds", 0.0),
             "penalty_overhead_s": getattr(pruner, "penalty_seconds", 0.0),
         }
+        if race is not None:
+            final["kernel_race"] = race.summary()
         if hasattr(m, "_clicktrain"):
             report = pruning_report(m)
             final.update(library=report.library, layers=report.as_dict()["layers"])
@@ -250,7 +257,7 @@ class Trainer:
                               lr_steps=lr_steps if cfg.penalty_budget else None)
         return None
 
-    def _train_epoch(self, m, opt, sched, pruner, x, y, epoch):
+    def _train_epoch(self, m, opt, sched, pruner, x, y, epoch, race=None):
         cfg = self.cfg
         m.train()
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).to(x.device)
@@ -259,6 +266,10 @@ class Trainer:
         bar = tqdm(range(0, len(x), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                    mininterval=2.0, leave=False)
         for i in bar:
+            racing = race is not None and not race.decided
+            if racing:
+                race.before_step()
+                step_started = time.perf_counter()
             idx = order[i:i + cfg.batch_size]
             xb, yb = x[idx], y[idx]
             if cfg.mixup > 0:
@@ -276,6 +287,12 @@ class Trainer:
             if pruner is not None:
                 pruner.step(loss.detach())
             total_loss += loss.item() * len(xb)
+            if racing:
+                race.after_step(time.perf_counter() - step_started)
+                if race.decided:
+                    r = race.summary()
+                    tqdm.write(f"kernels: training steps ran {r['generated_ms']} ms on the generated kernels and "
+                               f"{r['torch_ms']} ms on torch's conv (medians): {r['chosen']} from here on")
             correct += int((out.argmax(1) == yb).sum())
             seen += len(xb)
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", refresh=False)
