@@ -78,6 +78,29 @@ def test_forward_and_gradients_match_masked_dense_conv(case):
         assert rel_err(bias.grad, b_ref.grad) < 1e-4
 
 
+def test_grad_weight_blocks_group_kernels_by_channel_and_pattern():
+    """Before: kept kernels (filter, channel, pattern) of a 3x2 layer. Expected: blocks of two
+    kernels sharing (channel, pattern), ordered by pattern; a short block repeats its first
+    kernel and writes to the scratch slots past the weight (3 * 2 * 9 = 54 + t)."""
+    from clicktrain.codegen.kernels import grad_weight_blocks
+    from clicktrain.passes.reorder import FilterKernelLayout
+    library = torch.zeros(2, 9, dtype=torch.bool)
+    library[0, [0, 1, 3, 4]] = True
+    library[1, [4, 5, 7, 8]] = True
+    ids = torch.tensor([[0, 1], [0, -1], [0, 1]], dtype=torch.int16)  # (filter, channel) -> pattern
+    layout = FilterKernelLayout.build(library, ids)
+    filters, channel, positions, pointer = grad_weight_blocks(layout, 2, group=2)
+    blocks = sorted((int(c), sorted(int(f) for f in set(fs.tolist()))) for fs, c in zip(filters, channel))
+    # pattern 0 on channel 0: filters 0, 1, 2 -> a block of two and one of one (pairing in layout order)
+    assert [c for c, _ in blocks] == [0, 0, 1] and sorted(len(f) for _, f in blocks[:2]) == [1, 2]
+    assert sorted(blocks[0][1] + blocks[1][1]) == [0, 1, 2] and blocks[2] == (1, [0, 2])
+    assert pointer.tolist() == [0, 2, 3]
+    scratch = positions[positions >= 54]
+    assert sorted(scratch.tolist()) == [54, 55, 56, 57]       # the one padded slot: k = 4 scratch writes
+    kept = positions[positions < 54].reshape(-1, 4)
+    assert sorted(map(tuple, kept.tolist())) == sorted(map(tuple, layout.weight_index.tolist()))
+
+
 @pytest.mark.parametrize("simd", [8, 16])
 def test_layout_choice_per_kernel_kind(simd):
     """Expected layouts: batch-in-lanes (chwn) forward/grad-input only on rows of <= 4,

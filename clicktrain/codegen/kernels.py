@@ -125,6 +125,44 @@ def _tile(layout: str, height: int, width: int, target: KernelTarget, cuda: bool
     return rows, lanes, _round_up(height, rows), _round_up(width, lanes)
 
 
+GRAD_WEIGHT_GROUP = 2  # measured on AVX-512 (docs/performance.md): 2 beats 1 by 6-30 %, 4 loses 2-3x
+
+
+def grad_weight_group(target: KernelTarget) -> int:
+    """Kept kernels per grad-weight block. Two: ``2 x k`` accumulators and ``k + 2`` loaded
+    vectors fit even AVX2's 16 registers; with four, LLVM no longer keeps the accumulators in
+    registers and the kernel ran 2-3x slower than kernel by kernel. CUDA takes one kernel per
+    thread."""
+    return 1 if target.name == "cuda" else GRAD_WEIGHT_GROUP
+
+
+def grad_weight_blocks(fwd: FilterKernelLayout, num_patterns: int, group: int):
+    """Blocks of up to ``group`` kept kernels sharing an input channel and a pattern, ordered
+    by pattern: (filters ``(B, group)``, channel ``(B,)``, weight positions ``(B, group, k)``,
+    block pointer per pattern ``(P + 1,)``). A short block repeats its first kernel, written to
+    the scratch slots past the dense weight (``numel + t``)."""
+    K, k = fwd.weight_index.shape
+    numel = fwd.out_channels * fwd.in_channels * 9
+    order = torch.sort(fwd.kernel_pattern.long() * fwd.in_channels + fwd.kernel_channel.long(), stable=True).indices
+    key = fwd.kernel_pattern.long()[order] * fwd.in_channels + fwd.kernel_channel.long()[order]
+    _, counts = torch.unique_consecutive(key, return_counts=True)
+    run_start = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    blocks_per_run = -(-counts // group)
+    run_block = torch.repeat_interleave(torch.cumsum(blocks_per_run, 0) - blocks_per_run, counts)
+    rank = torch.arange(K) - run_start
+    block, slot = run_block + rank // group, rank % group
+    B = int(blocks_per_run.sum())
+    first = torch.zeros(B, dtype=torch.long)
+    first[block[slot == 0]] = order[slot == 0]
+    filters = fwd.kernel_filter[first].unsqueeze(1).repeat(1, group)
+    positions = (numel + torch.arange(k)).repeat(B, group, 1)
+    filters[block, slot] = fwd.kernel_filter[order]
+    positions[block, slot] = fwd.weight_index[order]
+    block_pattern = fwd.kernel_pattern.long()[first]
+    pointer = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(block_pattern, minlength=num_patterns).cumsum(0)])
+    return filters, fwd.kernel_channel[first], positions, pointer
+
+
 def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget) -> KernelPlan:
     (sh, sw), (dh, dw) = geom.stride, geom.dilation
     fwd_offsets = tuple(tuple((dy * dh, dx * dw) for dy, dx in pattern_offsets(p)) for p in library)
@@ -145,7 +183,7 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     gw_w = geom.out_w if gw_layout == "chwn" else ow
     grad_weight = GradWeightSpec(f"ct_wgrad_{gw_layout}_{tag}", geom.in_channels, geom.out_channels,
                                  fwd_in[0], fwd_in[1], geom.out_h, geom.out_h, gw_w, geom.stride, fwd_offsets,
-                                 gw_lanes, gw_layout)
+                                 gw_lanes, gw_layout, group=grad_weight_group(target))
     return KernelPlan(geom, forward, grad_input, grad_weight, fwd_in, gi_in)
 
 
@@ -211,30 +249,26 @@ class LayerIndex:
     bwd_ptr: torch.Tensor
     bwd_src: torch.Tensor
     bwd_perm: torch.Tensor
-    gw_filter: torch.Tensor
-    gw_channel: torch.Tensor
-    gw_pattern_ptr: torch.Tensor
-    gw_weight_index: torch.Tensor    # (K, k) int32 flat weight positions, pattern-major (grad-weight order)
+    gw_filter: torch.Tensor          # grad-weight blocks (grad_weight_blocks): (B, group) filters
+    gw_channel: torch.Tensor         # (B,) input channel
+    gw_weight_index: torch.Tensor    # (B, group, k) int32 flat weight positions (scratch past the end)
+    gw_pattern_ptr: torch.Tensor     # (P + 1,) blocks per pattern
     fwd_widx: torch.Tensor           # (K, k) int32 flat weight positions in forward run order
     bwd_widx: torch.Tensor           # the same in grad-input (transposed) run order
     fwd_weight_index: torch.Tensor   # fwd_widx as int64, for torch indexing
     zero_bias: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, library: torch.Tensor, pattern_ids: torch.Tensor, device) -> "LayerIndex":
+    def build(cls, library: torch.Tensor, pattern_ids: torch.Tensor, device, group: int = 1) -> "LayerIndex":
         fwd = FilterKernelLayout.build(library, pattern_ids)
         bwd = FilterKernelLayout.build(library, pattern_ids.t(), transposed=True)
-        order = torch.sort(fwd.kernel_pattern, stable=True).indices  # pattern-major, for grad-weight
-        counts = torch.bincount(fwd.kernel_pattern, minlength=library.shape[0])
-        pattern_ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        blocks = grad_weight_blocks(fwd, library.shape[0], group)
 
         def i32(t):
             return t.to(device=device, dtype=torch.int32).contiguous()
         return cls(fwd, bwd, i32(fwd.pattern_ptr()), i32(fwd.kernel_channel), i32(fwd.perm),
-                   i32(bwd.pattern_ptr()), i32(bwd.kernel_channel), i32(bwd.perm),
-                   i32(fwd.kernel_filter[order]), i32(fwd.kernel_channel[order]), i32(pattern_ptr),
-                   i32(fwd.weight_index[order]), i32(fwd.weight_index), i32(bwd.weight_index),
-                   fwd.weight_index.to(device))
+                   i32(bwd.pattern_ptr()), i32(bwd.kernel_channel), i32(bwd.perm), *map(i32, blocks),
+                   i32(fwd.weight_index), i32(bwd.weight_index), fwd.weight_index.to(device))
 
     def bias_zeros(self, channels: int, like: torch.Tensor) -> torch.Tensor:
         key = (channels, like.device)

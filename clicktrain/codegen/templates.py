@@ -12,10 +12,15 @@ absent from the runs. Weights are read from the dense weight tensor through ``wi
 weight per output tile, instead of a gather into a compact copy on every call. The output tile is ``rows x lanes`` accumulators (vectorised along
 the output width on CPU; one thread per output pixel on CUDA).
 
-``grad_weight`` -- for every kept kernel ``j`` (grouped by pattern, again with constant
-offsets), reduce ``dout[b, f_j, y, x] * inp[b, c_j, y*s + oy, x*s + ox]`` over batch and
-space, straight into the kept positions ``gidx[j, t]`` of the dense gradient (the caller
-zeroes it: pruned weights get an exact zero).
+``grad_weight`` -- for every block of ``group`` kept kernels that share an input channel
+``c`` and a pattern (blocks grouped by pattern, again with constant offsets), reduce
+``dout[b, f_g, y, x] * inp[b, c, y*s + oy, x*s + ox]`` over batch and space, straight into
+the kept positions ``gidx[blk, g, t]`` of the dense gradient (the caller zeroes it: pruned
+weights get an exact zero). The block is what makes it fast: each shifted input vector is
+loaded once for all ``group`` kernels and each ``dout`` vector once for all ``k`` weights
+(``group * k`` FMAs per ``group + k`` loads, against ``k`` per ``k + 1`` kernel by kernel).
+A block short of ``group`` kernels is padded with copies writing to a scratch slot past the
+gradient's end.
 
 Small maps (rows narrower than a SIMD register) run the same two kernel shapes in the
 ``chwn`` layout: activations as ``(channels, H, W, batch)``, vectorised along the batch, the
@@ -70,14 +75,20 @@ class GradWeightSpec:
     offsets: Offsets
     lanes: int
     layout: str = "nchw"
+    group: int = 1      # kept kernels per block (same input channel and pattern)
 
     @property
     def k(self) -> int:
         return len(self.offsets[0])
 
+    @property
+    def gradient_size(self) -> int:
+        """Floats of the gradient buffer: the dense weight plus ``k`` scratch slots."""
+        return self.src_channels * self.dst_channels * 9 + self.k
+
 
 DIRECT_PARAMS = ["inp_h", "w_h", "widx_h", "ptr_h", "src_h", "perm_h", "bias_h", "out_h"]
-GRAD_WEIGHT_PARAMS = ["dout_h", "inp_h", "kf_h", "kc_h", "gidx_h", "pptr_h", "g_h"]
+GRAD_WEIGHT_PARAMS = ["dout_h", "inp_h", "bf_h", "bc_h", "gidx_h", "pptr_h", "g_h"]
 
 
 def _header(name: str, params: list[str]) -> list[str]:
@@ -188,26 +199,27 @@ def _grad_weight_buffers(s: GradWeightSpec) -> list[str]:
     return [
         f'    dout = T.match_buffer(dout_h, {_activation(s.dst_channels, s.out_h, s.out_w, s.layout)}, "float32")',
         f'    inp = T.match_buffer(inp_h, {_activation(s.src_channels, s.in_h, s.in_w, s.layout)}, "float32")',
-        f'    kf = T.match_buffer(kf_h, (kk,), "int32")',
-        f'    kc = T.match_buffer(kc_h, (kk,), "int32")',
-        f'    gidx = T.match_buffer(gidx_h, (kk, {s.k}), "int32")',
+        f'    bf = T.match_buffer(bf_h, (kk, {s.group}), "int32")',
+        f'    bc = T.match_buffer(bc_h, (kk,), "int32")',
+        f'    gidx = T.match_buffer(gidx_h, (kk, {s.group}, {s.k}), "int32")',
         f'    pptr = T.match_buffer(pptr_h, ({P + 1},), "int32")',
-        f'    g = T.match_buffer(g_h, ({s.src_channels * s.dst_channels * 9},), "float32")',
+        f'    g = T.match_buffer(g_h, ({s.gradient_size},), "float32")',
     ]
 
 
-def _gw_term(s: GradWeightSpec, t: int, p: int, x: str, lane: str = "") -> str:
+def _gw_term(s: GradWeightSpec, gi: int, t: int, p: int, x: str, lane: str = "") -> str:
+    """``dout * shifted input`` of kernel ``gi`` of block ``j``, weight ``t``."""
     dy, dx = s.offsets[p][t]
     sh, sw = s.stride
     if s.layout == "chwn":
-        return f"dout[kf[j], y, {x}, {lane}] * inp[kc[j], y * {sh} + {dy}, ({x}) * {sw} + {dx}, {lane}]"
-    return f"dout[b, kf[j], y, {x}] * inp[b, kc[j], y * {sh} + {dy}, ({x}) * {sw} + {dx}]"
+        return f"dout[bf[j, {gi}], y, {x}, {lane}] * inp[bc[j], y * {sh} + {dy}, ({x}) * {sw} + {dx}, {lane}]"
+    return f"dout[b, bf[j, {gi}], y, {x}] * inp[b, bc[j], y * {sh} + {dy}, ({x}) * {sw} + {dx}]"
 
 
 def grad_weight_llvm(s: GradWeightSpec) -> str:
-    """One parallel task per kept kernel, reducing over batch and space into ``k`` vector
-    accumulators: vectorised along the row (nchw) or along the batch (chwn)."""
-    V, k = s.lanes, s.k
+    """One parallel task per block of kernels, reducing over batch and space into
+    ``group x k`` vector accumulators: vectorised along the row (nchw) or the batch (chwn)."""
+    V, k, G = s.lanes, s.k, s.group
     if s.layout == "chwn":
         reduce, x, lane = f"y, x, bb in T.grid({s.true_out_h}, {s.out_w}, n // {V})", "x", f"bb * {V} + v"
     else:
@@ -216,20 +228,21 @@ def grad_weight_llvm(s: GradWeightSpec) -> str:
     for p in range(len(s.offsets)):
         lines += [
             f"    for j in T.parallel(pptr[{p}], pptr[{p + 1}]):",
-            f'        acc = T.alloc_buffer(({k}, {V}), "float32", scope="global")',
-            f"        for t in T.unroll({k}):",
+            f'        acc = T.alloc_buffer(({G}, {k}, {V}), "float32", scope="global")',
+            f"        for gi, t in T.grid({G}, {k}):",
             f"            for v in T.vectorized({V}):",
-            "                acc[t, v] = T.float32(0)",
+            "                acc[gi, t, v] = T.float32(0)",
             f"        for {reduce}:",
         ]
-        for t in range(k):
-            lines += [f"            for v in T.vectorized({V}):",
-                      f"                acc[{t}, v] = acc[{t}, v] + " + _gw_term(s, t, p, x, lane)]
+        for gi in range(G):
+            for t in range(k):
+                lines += [f"            for v in T.vectorized({V}):",
+                          f"                acc[{gi}, {t}, v] = acc[{gi}, {t}, v] + " + _gw_term(s, gi, t, p, x, lane)]
         lines += [
-            f"        for t in T.unroll({k}):",
-            "            g[gidx[j, t]] = T.float32(0)",
+            f"        for gi, t in T.grid({G}, {k}):",
+            "            g[gidx[j, gi, t]] = T.float32(0)",
             f"            for v in range({V}):",
-            "                g[gidx[j, t]] = g[gidx[j, t]] + acc[t, v]",
+            "                g[gidx[j, gi, t]] = g[gidx[j, gi, t]] + acc[gi, t, v]",
         ]
     return "\n".join(lines) + "\n"
 
@@ -238,7 +251,9 @@ def grad_weight_cuda(s: GradWeightSpec) -> str:
     """One thread per kept kernel, reducing over batch and space serially: no block-level
     synchronisation, and thousands of kept kernels per layer give enough threads. Kernels are
     pattern-major, so a warp almost always takes one pattern's branch; the grid depends on
-    shapes only (launch sizes are computed on the host) and is never empty."""
+    shapes only (launch sizes are computed on the host) and is never empty. Blocks are single
+    kernels here (``group`` 1)."""
+    assert s.group == 1, "the cuda grad-weight kernel takes one kernel per block"
     k, threads = s.k, 64
     lines = _header(s.name, GRAD_WEIGHT_PARAMS) + _grad_weight_buffers(s)
     lines += [
@@ -254,7 +269,7 @@ def grad_weight_cuda(s: GradWeightSpec) -> str:
             "                    acc[t] = T.float32(0)",
             f"                for b, y, x in T.grid(n, {s.true_out_h}, {s.out_w}):",
         ]
-        lines += [f"                    acc[{t}] = acc[{t}] + " + _gw_term(s, t, p, "x") for t in range(k)]
+        lines += [f"                    acc[{t}] = acc[{t}] + " + _gw_term(s, 0, t, p, "x") for t in range(k)]
         lines += [f"                for t in range({k}):",
-                  "                    g[gidx[j, t]] = acc[t]"]
+                  "                    g[gidx[j, 0, t]] = acc[t]"]
     return "\n".join(lines) + "\n"

@@ -158,10 +158,10 @@ class LayerRunner:
         if xpad is None or plan.grad_weight.layout != plan.forward.layout:
             xpad = self.pad_input(x, plan.grad_weight)
         dpad = self._padded(plan.grad_weight, dout, 0, 0, (plan.grad_weight.out_h, plan.grad_weight.out_w))
-        dense = torch.zeros_like(weight, dtype=torch.float32, memory_format=torch.contiguous_format)
+        grad = torch.zeros(plan.grad_weight.gradient_size, device=weight.device)  # + scratch for short blocks
         _call(self.kernels.grad_weight, dpad, xpad, idx.gw_filter, idx.gw_channel, idx.gw_weight_index,
-              idx.gw_pattern_ptr, dense.view(-1))
-        return dense.to(weight.dtype)
+              idx.gw_pattern_ptr, grad)
+        return grad[:weight.numel()].view_as(weight).to(weight.dtype)
 
     # -- measured choice -------------------------------------------------------------------
     def tune(self, x_shape, weight, bias, repeats: int = 5) -> dict:
@@ -264,10 +264,12 @@ class PatternConv2d(nn.Module):
         return self._kernels[key]
 
     def index_for(self, device):
-        from ..codegen.kernels import LayerIndex
+        from ..codegen.kernels import LayerIndex, grad_weight_group
+        from ..codegen.target import resolve_target
         key = (self._mask.state_key(), device)
         if self._index is None or self._index[0] != key:
-            self._index = (key, LayerIndex.build(self._mask.library.cpu(), self._mask.pattern_ids.cpu(), device))
+            self._index = (key, LayerIndex.build(self._mask.library.cpu(), self._mask.pattern_ids.cpu(), device,
+                                                 grad_weight_group(resolve_target(self.target))))
         return self._index[1]
 
     def forward(self, x, weight, bias=None):
