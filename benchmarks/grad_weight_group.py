@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header  # noqa: E402
+from _common import fastest_alternating, header  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -55,14 +54,7 @@ def main() -> None:
         K.grad_weight_group = default_group
         fns["dense"] = lambda: torch.ops.aten.convolution_backward(dout, x, wt, None, [1, 1], [1, 1], [1, 1], False,
                                                                    [0, 0], 1, [False, True, False])
-        best = dict.fromkeys(fns, float("inf"))
-        for fn in fns.values():
-            fn()
-        for _ in range(9):
-            for key, fn in fns.items():
-                started = time.perf_counter()
-                fn()
-                best[key] = min(best[key], time.perf_counter() - started)
+        best = fastest_alternating(fns)
         print(f"{c}->{o} {h}x{w} ({runner.kernels.plan.grad_weight.layout}): "
               + "  ".join(f"group {g} {best['dense'] / best[g]:.2f}x" for g in args.groups), flush=True)
 

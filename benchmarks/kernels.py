@@ -4,7 +4,9 @@ For every prunable conv of VGG-11 and ResNet-20 on 28x28 and 32x32 inputs: forwa
 grad-input and grad-weight time of the generated kernels against torch's dense
 ``conv2d`` / ``convolution_backward`` on the same shapes and threads, at 4/9 density and at
 4/9 with half the kernels dropped. Ratios are dense time / generated time, measured in this
-run on this machine; the summary is the median over layers.
+run on this machine, dense and generated taking turns and each the fastest of ``--repeats``
+rounds (this shared VM's slow minutes otherwise decide single ratios); the summary is the
+median over layers.
 
     .venv/bin/python benchmarks/kernels.py [--batch 64] [--models vgg11 resnet20] [--sizes 28 32]
 """
@@ -17,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, median_seconds  # noqa: E402
+from _common import fastest_alternating, header  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -27,12 +29,20 @@ from clicktrain.models import build_model  # noqa: E402
 from clicktrain.runtime.pattern_conv import LayerRunner, PatternConv2d  # noqa: E402
 
 
-def dense_times(x, w, stride, padding, dilation, dout, repeats):
-    conv = lambda: torch.nn.functional.conv2d(x, w, None, stride, padding, dilation)  # noqa: E731
-    bwd = lambda mask: torch.ops.aten.convolution_backward(  # noqa: E731
-        dout, x, w, None, list(stride), list(padding), list(dilation), False, [0, 0], 1, mask)
-    return (median_seconds(conv, repeats), median_seconds(lambda: bwd([True, False, False]), repeats),
-            median_seconds(lambda: bwd([False, True, False]), repeats))
+def kind_times(runner, inp, weight, dout, xpad, repeats):
+    """((dense fwd, dgrad, wgrad), (generated fwd, dgrad, wgrad)) seconds, each pair timed in turn."""
+    g = runner.geometry
+    stride, padding, dilation = list(g.stride), list(g.padding), list(g.dilation)
+
+    def dense_bwd(mask):
+        return lambda: torch.ops.aten.convolution_backward(dout, inp, weight, None, stride, padding, dilation, False,
+                                                           [0, 0], 1, mask)
+    pairs = [(lambda: torch.nn.functional.conv2d(inp, weight, None, g.stride, g.padding, g.dilation),
+              lambda: runner.forward(inp, weight, None)),
+             (dense_bwd([True, False, False]), lambda: runner.grad_input(dout, weight)),
+             (dense_bwd([False, True, False]), lambda: runner.grad_weight(dout, inp, xpad, weight))]
+    best = [fastest_alternating({"dense": d, "ours": o}, repeats) for d, o in pairs]
+    return tuple(b["dense"] for b in best), tuple(b["ours"] for b in best)
 
 
 def layer_rows(model_name, size, batch, connectivity, repeats, target="llvm", compile_only=False):
@@ -59,10 +69,7 @@ def layer_rows(model_name, size, batch, connectivity, repeats, target="llvm", co
         g = runner.geometry
         out, xpad = runner.forward(inp, weight, None)
         dout = torch.randn_like(out)
-        ours = (median_seconds(lambda: runner.forward(inp, weight, None), repeats),
-                median_seconds(lambda: runner.grad_input(dout, weight), repeats),
-                median_seconds(lambda: runner.grad_weight(dout, inp, xpad, weight), repeats))
-        dense = dense_times(inp, weight, g.stride, g.padding, g.dilation, dout, repeats)
+        dense, ours = kind_times(runner, inp, weight, dout, xpad, repeats)
         rows.append((f"{model_name}@{size}", module.site_name, f"{g.in_channels}->{g.out_channels} {h}x{w_} s{g.stride[0]}",
                      dense, ours))
     return rows
@@ -74,7 +81,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["vgg11", "resnet20"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[28, 32])
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7, help="rounds; each time is the fastest, dense and ours in turn")
     parser.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
     parser.add_argument("--compile-only", action="store_true", help="generate and compile the kernels, time nothing")
     args = parser.parse_args()
