@@ -257,6 +257,7 @@ class LayerIndex:
     bwd_widx: torch.Tensor           # the same in grad-input (transposed) run order
     fwd_weight_index: torch.Tensor   # fwd_widx as int64, for torch indexing
     zero_bias: dict = field(default_factory=dict)
+    _handles: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, library: torch.Tensor, pattern_ids: torch.Tensor, device, group: int = 1) -> "LayerIndex":
@@ -269,6 +270,17 @@ class LayerIndex:
         return cls(fwd, bwd, i32(fwd.pattern_ptr()), i32(fwd.kernel_channel), i32(fwd.perm),
                    i32(bwd.pattern_ptr()), i32(bwd.kernel_channel), i32(bwd.perm), *map(i32, blocks),
                    i32(fwd.weight_index), i32(bwd.weight_index), fwd.weight_index.to(device))
+
+    def handle(self, name: str):
+        """TVM's DLPack view of index array ``name``, made once: the arrays never change, and
+        converting eight tensors on every kernel call is measurable on small layers."""
+        if name not in self._handles:
+            import tvm
+            t = getattr(self, name)
+            if t.data_ptr() % 64:  # TVM rejects buffers not 64-byte aligned; a fresh allocation is
+                t = t.clone()
+            self._handles[name] = (t, tvm.runtime.from_dlpack(t))  # t: keeps the memory alive
+        return self._handles[name][1]
 
     def bias_zeros(self, channels: int, like: torch.Tensor) -> torch.Tensor:
         key = (channels, like.device)

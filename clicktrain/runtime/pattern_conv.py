@@ -34,9 +34,10 @@ def _to_tvm(t: torch.Tensor, keep: list):
     return tvm.runtime.from_dlpack(t)
 
 
-def _call(func, *tensors) -> None:
+def _call(func, *args) -> None:
+    """``func`` on ``args``: tensors through DLPack, TVM arrays (cached index views) as they are."""
     keep: list = []
-    func(*[_to_tvm(t, keep) for t in tensors])
+    func(*[_to_tvm(a, keep) if isinstance(a, torch.Tensor) else a for a in args])
 
 
 def _pad_to(x: torch.Tensor, top: int, left: int, rows: int, cols: int) -> torch.Tensor:
@@ -62,6 +63,10 @@ def _from_chwn(buf: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
 
 
 KINDS = ("forward", "grad_input", "grad_weight")
+# the LayerIndex arrays each kernel reads, in its parameter order (templates.DIRECT_PARAMS, GRAD_WEIGHT_PARAMS)
+FWD_INDEX = ("fwd_widx", "fwd_ptr", "fwd_src", "fwd_perm")
+BWD_INDEX = ("bwd_widx", "bwd_ptr", "bwd_src", "bwd_perm")
+GRAD_WEIGHT_INDEX = ("gw_filter", "gw_channel", "gw_weight_index", "gw_pattern_ptr")
 TUNING_METHOD = "glue-min"  # part of the tuning key: choices made by an older LayerRunner.tune are not reused
 
 
@@ -117,8 +122,8 @@ class LayerRunner:
     def forward_generated(self, xpad, weight, bias, batch: int):
         g, plan, idx = self.geometry, self.kernels.plan, self.index
         b = bias.detach().float().contiguous() if bias is not None else idx.bias_zeros(g.out_channels, xpad)
-        return self._run_direct(self.kernels.forward, plan.forward, xpad, weight, idx.fwd_widx, idx.fwd_ptr,
-                                idx.fwd_src, idx.fwd_perm, b, g.out_channels, batch, g.out_h, g.out_w)
+        return self._run_direct(self.kernels.forward, plan.forward, xpad, weight, *map(idx.handle, FWD_INDEX), b,
+                                g.out_channels, batch, g.out_h, g.out_w)
 
     def forward(self, x, weight, bias):
         """(output, padded input for grad-weight or None)."""
@@ -143,8 +148,8 @@ class LayerRunner:
         else:
             up = dout
         upad = self._padded(plan.grad_input, up, 2 * dh - g.padding[0], 2 * dw - g.padding[1], plan.gi_in)
-        return self._run_direct(self.kernels.grad_input, plan.grad_input, upad, weight, idx.bwd_widx, idx.bwd_ptr,
-                                idx.bwd_src, idx.bwd_perm, idx.bias_zeros(g.in_channels, dout), g.in_channels, dout.shape[0],
+        return self._run_direct(self.kernels.grad_input, plan.grad_input, upad, weight, *map(idx.handle, BWD_INDEX),
+                                idx.bias_zeros(g.in_channels, dout), g.in_channels, dout.shape[0],
                                 g.in_h, g.in_w)
 
     def grad_weight(self, dout, x, xpad, weight):
@@ -159,8 +164,7 @@ class LayerRunner:
             xpad = self.pad_input(x, plan.grad_weight)
         dpad = self._padded(plan.grad_weight, dout, 0, 0, (plan.grad_weight.out_h, plan.grad_weight.out_w))
         grad = torch.zeros(plan.grad_weight.gradient_size, device=weight.device)  # + scratch for short blocks
-        _call(self.kernels.grad_weight, dpad, xpad, idx.gw_filter, idx.gw_channel, idx.gw_weight_index,
-              idx.gw_pattern_ptr, grad)
+        _call(self.kernels.grad_weight, dpad, xpad, *map(idx.handle, GRAD_WEIGHT_INDEX), grad)
         return grad[:weight.numel()].view_as(weight).to(weight.dtype)
 
     # -- measured choice -------------------------------------------------------------------
