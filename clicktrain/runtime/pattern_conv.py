@@ -1,11 +1,11 @@
 """The autograd bridge from a hardened prunable conv to its generated kernels.
 
 ``PatternConv2d`` replaces ``torch.conv2d`` for a prunable conv when the target is llvm or
-cuda. It takes the (masked) dense weight, so optimizers and state_dict keep the dense
+cuda. It takes the dense weight, so optimizers and state_dict keep the dense
 parameter API: the kernels read the kept weights straight from it through the layout's
 index arrays (``K x k`` flat positions, no compact copy per call), and grad-weight writes
-the kept weights' gradients into a zeroed dense gradient, so pruned entries get exact zeros. Tensors cross
-to TVM through DLPack without copies. The weight arrives unmasked (its PatternMask skips
+the kept weights' gradients into a zeroed dense gradient, so pruned entries get exact
+zeros. Tensors cross to TVM through DLPack without copies. The weight arrives unmasked (its PatternMask skips
 the multiply, ``consumers_mask``): the generated kernels read kept weights only, and where
 torch's conv runs a kind instead it gets the weight with the pruned entries zeroed here.
 """
