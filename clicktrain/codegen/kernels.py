@@ -83,9 +83,15 @@ class KernelPlan:
         return (self.forward, self.grad_input, self.grad_weight)
 
 
-def choose_rows(lanes: int) -> int:
-    """Rows of the register tile: 4, or 8 when rows are narrow (measured best on 7- and 14-wide maps)."""
-    return 8 if lanes <= 8 else 4
+DIRECT_ACCUMULATORS = 8  # vector registers an nchw direct-conv tile holds (measured best, below)
+
+
+def choose_rows(lanes: int, simd_lanes: int) -> int:
+    """Rows of the register tile: as many as make ``DIRECT_ACCUMULATORS`` vectors, at most 8.
+    Measured on AVX-512 (docs/performance.md): one register per row (16 lanes) runs 7-16 %
+    faster with 8 rows than with 4; two per row (32 lanes) is best at 4 rows, and 8 rows
+    (16 accumulators) ran 1.6-1.8x slower."""
+    return max(1, min(8, DIRECT_ACCUMULATORS * simd_lanes // lanes))
 
 
 CHWN_ACCUMULATORS = 16  # vector registers the chwn tile may hold (AVX-512 has 32, AVX2 16)
@@ -121,7 +127,7 @@ def _tile(layout: str, height: int, width: int, target: KernelTarget, cuda: bool
         rows = choose_chwn_rows(height, width)
         return rows, target.simd_lanes, _round_up(height, rows), width
     lanes = 1 if cuda else choose_lanes(width, target.simd_lanes)
-    rows = 1 if cuda else choose_rows(lanes)
+    rows = 1 if cuda else choose_rows(lanes, target.simd_lanes)
     return rows, lanes, _round_up(height, rows), _round_up(width, lanes)
 
 
