@@ -1,0 +1,99 @@
+"""Register-tile choices of the generated kernels, each against torch's dense conv, on layers
+of VGG-11 and ResNet-20 at batch 64: the grad-weight block size (kept kernels per block that
+share an input channel and a pattern, ``GRAD_WEIGHT_GROUP``) or the rows of the forward /
+grad-input tile (``choose_rows``). Each variant and dense are timed in turn, nine rounds,
+fastest of each; ratio = dense time / generated time.
+
+    .venv/bin/python benchmarks/tile_variants.py --vary group [--values 1 2 4] [--connectivity 0.0]
+    .venv/bin/python benchmarks/tile_variants.py --vary rows  [--values 2 4 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import fastest_alternating, header  # noqa: E402
+
+import torch  # noqa: E402
+
+import clicktrain.codegen.kernels as K  # noqa: E402
+from clicktrain.codegen.kernels import ConvGeometry, LayerIndex, LayerKernels  # noqa: E402
+from clicktrain.codegen.target import resolve_target  # noqa: E402
+from clicktrain.machine import set_threads  # noqa: E402
+from clicktrain.runtime.pattern_conv import LayerRunner  # noqa: E402
+from clicktrain.runtime.selection import assign_patterns, generate_library  # noqa: E402
+
+LAYERS = {  # (in, out, h, w): grad-weight runs nchw and chwn; rows matter where the forward is nchw
+    "group": [(64, 128, 14, 14), (128, 256, 7, 7), (16, 16, 28, 28), (16, 16, 32, 32), (32, 32, 16, 16),
+              (64, 64, 8, 8), (256, 256, 4, 4)],
+    "rows": [(64, 128, 14, 14), (16, 16, 28, 28), (16, 16, 32, 32), (32, 32, 16, 16), (64, 64, 14, 14),
+             (8, 16, 28, 28)],
+}
+DEFAULT_VALUES = {"group": [1, 2, 4], "rows": [2, 4, 8]}
+
+
+def runner_with(vary: str, value: int, weight, library, ids, hw, target):
+    """A LayerRunner whose plan uses ``value`` for the varied choice (the defaults otherwise)."""
+    saved = K.grad_weight_group, K.choose_rows
+    if vary == "group":
+        K.grad_weight_group = lambda t: value
+    else:
+        K.choose_rows = lambda lanes, simd: value
+    try:
+        kernels = LayerKernels.build(ConvGeometry.of(weight.shape, hw, 1, 1, 1), library, target)
+    finally:
+        K.grad_weight_group, K.choose_rows = saved
+    return LayerRunner(kernels, LayerIndex.build(library, ids, weight.device, kernels.plan.grad_weight.group))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vary", choices=sorted(LAYERS), default="group")
+    parser.add_argument("--values", type=int, nargs="+", default=None)
+    parser.add_argument("--connectivity", type=float, default=0.0)
+    args = parser.parse_args()
+    values = args.values or DEFAULT_VALUES[args.vary]
+    threads = set_threads(None)
+    print(header(threads))
+    print(f"varying {args.vary}; 4/9 patterns, {args.connectivity:.0%} of kernels dropped; "
+          f"ratio = dense time / generated time ({'grad-weight' if args.vary == 'group' else 'forward, grad-input'})")
+    target = resolve_target("llvm")
+    for c, o, h, w in LAYERS[args.vary]:
+        torch.manual_seed(0)
+        wt = torch.randn(o, c, 3, 3)
+        lib = generate_library({"w": wt ** 2}, 4, 8)
+        ids = assign_patterns(wt ** 2, lib, args.connectivity)
+        x = torch.randn(64, c, h, w)
+        dout = torch.randn(64, o, h, w)
+        fns = {}
+        for value in values:
+            r = runner_with(args.vary, value, wt, lib, ids, (h, w), target)
+            if args.vary == "group":
+                xpad = r.pad_input(x)
+                fns[value] = (lambda r=r, xpad=xpad: r.grad_weight(dout, x, xpad, wt))
+            else:
+                fns[(value, "fwd")] = (lambda r=r: r.forward(x, wt, None))
+                fns[(value, "dgrad")] = (lambda r=r: r.grad_input(dout, wt, tuple(x.shape)))
+        dense_bwd = (lambda mask: lambda: torch.ops.aten.convolution_backward(
+            dout, x, wt, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask))
+        if args.vary == "group":
+            fns["dense"] = dense_bwd([False, True, False])
+        else:
+            fns[("dense", "fwd")] = lambda: torch.nn.functional.conv2d(x, wt, None, 1, 1)
+            fns[("dense", "dgrad")] = dense_bwd([True, False, False])
+        best = fastest_alternating(fns)
+        if args.vary == "group":
+            cells = [f"group {v} {best['dense'] / best[v]:.2f}x" for v in values]
+            layout = r.kernels.plan.grad_weight.layout
+        else:
+            cells = [f"rows {v} fwd {best[('dense', 'fwd')] / best[(v, 'fwd')]:.2f}x "
+                     f"dgrad {best[('dense', 'dgrad')] / best[(v, 'dgrad')]:.2f}x" for v in values]
+            layout = f"{r.kernels.plan.forward.layout}, {r.kernels.plan.forward.lanes} lanes"
+        print(f"{c}->{o} {h}x{w} ({layout}): " + "  ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
