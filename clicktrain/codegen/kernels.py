@@ -229,6 +229,11 @@ class LayerKernels:
         kernels._modules = modules
         return kernels
 
+    def source_hash(self) -> str:
+        """Short hash of the three kernels' sources: changes whenever the generated code does."""
+        import hashlib
+        return hashlib.sha256("\n".join(self.sources[k] for k in sorted(self.sources)).encode()).hexdigest()[:12]
+
     def device_sources(self) -> dict[str, str]:
         """For cuda: the generated CUDA C of each kernel, keyed by dump-file suffix."""
         out = {}

@@ -303,8 +303,10 @@ class PatternConv2d(nn.Module):
         kept = runner.index.fwd_layout.kept_kernels
         if (x_shape, kept) not in self._use:
             # the winner depends on how many kernels are kept, not only on the layer's shape
-            key = (f"{runner.kernels.plan.forward.name}|{runner.kernels.target.description}|{x_shape}|"
-                   f"{torch.get_num_threads()}|kept{kept}|{TUNING_METHOD}")
+            # the kernels' source hash too: a new tile or block size is a different contender
+            key = (f"{runner.kernels.plan.forward.name}|{runner.kernels.source_hash()}|"
+                   f"{runner.kernels.target.description}|{x_shape}|{torch.get_num_threads()}|kept{kept}|"
+                   f"{TUNING_METHOD}")
             use = load_tuning(key)
             if use is None:
                 with torch.no_grad():
