@@ -83,14 +83,14 @@ class KernelPlan:
         return (self.forward, self.grad_input, self.grad_weight)
 
 
-DIRECT_ACCUMULATORS = 8  # vector registers an nchw direct-conv tile holds (measured best, below)
+DIRECT_ACCUMULATORS = 8  # vector registers an nchw direct-conv tile holds (measured best: choose_rows)
 
 
 def choose_rows(lanes: int, simd_lanes: int) -> int:
     """Rows of the register tile: as many as make ``DIRECT_ACCUMULATORS`` vectors, at most 8.
-    Measured on AVX-512 (docs/performance.md): one register per row (16 lanes) runs 7-16 %
+    Measured on AVX-512 (docs/performance.md): one register per row (16 lanes) runs 7-37 %
     faster with 8 rows than with 4; two per row (32 lanes) is best at 4 rows, and 8 rows
-    (16 accumulators) ran 1.6-1.8x slower."""
+    (16 accumulators) ran 1.6-1.9x slower."""
     return max(1, min(8, DIRECT_ACCUMULATORS * simd_lanes // lanes))
 
 
