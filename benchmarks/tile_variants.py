@@ -1,11 +1,13 @@
 """Register-tile choices of the generated kernels, each against torch's dense conv, on layers
 of VGG-11 and ResNet-20 at batch 64: the grad-weight block size (kept kernels per block that
 share an input channel and a pattern, ``GRAD_WEIGHT_GROUP``) or the rows of the forward /
-grad-input tile (``choose_rows``). Each variant and dense are timed in turn, nine rounds,
-fastest of each; ratio = dense time / generated time.
+grad-input tile (``choose_rows``), or the grad-weight layout (``choose_layouts``: batch in
+the lanes, chwn, or along the row, nchw; glue included). Each variant and dense are timed in
+turn, nine rounds, fastest of each; ratio = dense time / generated time.
 
     .venv/bin/python benchmarks/tile_variants.py --vary group [--values 1 2 4] [--connectivity 0.0]
     .venv/bin/python benchmarks/tile_variants.py --vary rows  [--values 2 4 8]
+    .venv/bin/python benchmarks/tile_variants.py --vary layout [--values chwn nchw]
 """
 
 from __future__ import annotations
@@ -31,35 +33,39 @@ LAYERS = {  # (in, out, h, w): grad-weight runs nchw and chwn; rows matter where
               (64, 64, 8, 8), (256, 256, 4, 4)],
     "rows": [(64, 128, 14, 14), (16, 16, 28, 28), (16, 16, 32, 32), (32, 32, 16, 16), (64, 64, 14, 14),
              (8, 16, 28, 28)],
+    "layout": [(64, 64, 8, 8), (256, 256, 8, 8), (64, 64, 7, 7), (128, 256, 7, 7), (64, 128, 4, 4),
+               (256, 256, 4, 4), (128, 128, 2, 2), (512, 512, 2, 2)],
 }
-DEFAULT_VALUES = {"group": [1, 2, 4], "rows": [2, 4, 8]}
+DEFAULT_VALUES = {"group": ["1", "2", "4"], "rows": ["2", "4", "8"], "layout": ["chwn", "nchw"]}
 
 
-def runner_with(vary: str, value: int, weight, library, ids, hw, target):
+def runner_with(vary: str, value: str, weight, library, ids, hw, target):
     """A LayerRunner whose plan uses ``value`` for the varied choice (the defaults otherwise)."""
-    saved = K.grad_weight_group, K.choose_rows
+    saved = K.grad_weight_group, K.choose_rows, K.choose_layouts
     if vary == "group":
-        K.grad_weight_group = lambda t: value
+        K.grad_weight_group = lambda t: int(value)
+    elif vary == "rows":
+        K.choose_rows = lambda lanes, simd: int(value)
     else:
-        K.choose_rows = lambda lanes, simd: value
+        K.choose_layouts = lambda g, simd, cuda: (*saved[2](g, simd, cuda)[:2], value)
     try:
         kernels = LayerKernels.build(ConvGeometry.of(weight.shape, hw, 1, 1, 1), library, target)
     finally:
-        K.grad_weight_group, K.choose_rows = saved
+        K.grad_weight_group, K.choose_rows, K.choose_layouts = saved
     return LayerRunner(kernels, LayerIndex.build(library, ids, weight.device, kernels.plan.grad_weight.group))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vary", choices=sorted(LAYERS), default="group")
-    parser.add_argument("--values", type=int, nargs="+", default=None)
+    parser.add_argument("--values", nargs="+", default=None)
     parser.add_argument("--connectivity", type=float, default=0.0)
     args = parser.parse_args()
     values = args.values or DEFAULT_VALUES[args.vary]
     threads = set_threads(None)
     print(header(threads))
     print(f"varying {args.vary}; 4/9 patterns, {args.connectivity:.0%} of kernels dropped; "
-          f"ratio = dense time / generated time ({'grad-weight' if args.vary == 'group' else 'forward, grad-input'})")
+          f"ratio = dense time / generated time ({'forward, grad-input' if args.vary == 'rows' else 'grad-weight'})")
     target = resolve_target("llvm")
     for c, o, h, w in LAYERS[args.vary]:
         torch.manual_seed(0)
@@ -71,23 +77,23 @@ def main() -> None:
         fns = {}
         for value in values:
             r = runner_with(args.vary, value, wt, lib, ids, (h, w), target)
-            if args.vary == "group":
-                xpad = r.pad_input(x)
+            if args.vary != "rows":
+                xpad = r.pad_input(x)  # the forward's; grad-weight pads its own if its layout differs
                 fns[value] = (lambda r=r, xpad=xpad: r.grad_weight(dout, x, xpad, wt))
             else:
                 fns[(value, "fwd")] = (lambda r=r: r.forward(x, wt, None))
                 fns[(value, "dgrad")] = (lambda r=r: r.grad_input(dout, wt, tuple(x.shape)))
         dense_bwd = (lambda mask: lambda: torch.ops.aten.convolution_backward(
             dout, x, wt, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask))
-        if args.vary == "group":
+        if args.vary != "rows":
             fns["dense"] = dense_bwd([False, True, False])
         else:
             fns[("dense", "fwd")] = lambda: torch.nn.functional.conv2d(x, wt, None, 1, 1)
             fns[("dense", "dgrad")] = dense_bwd([True, False, False])
         best = fastest_alternating(fns)
-        if args.vary == "group":
-            cells = [f"group {v} {best['dense'] / best[v]:.2f}x" for v in values]
-            layout = r.kernels.plan.grad_weight.layout
+        if args.vary != "rows":
+            cells = [f"{args.vary} {v} {best['dense'] / best[v]:.2f}x" for v in values]
+            layout = r.kernels.plan.forward.layout + " forward"
         else:
             cells = [f"rows {v} fwd {best[('dense', 'fwd')] / best[(v, 'fwd')]:.2f}x "
                      f"dgrad {best[('dense', 'dgrad')] / best[(v, 'dgrad')]:.2f}x" for v in values]

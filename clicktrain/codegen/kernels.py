@@ -103,13 +103,16 @@ def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool) -> tuple[str
     lanes. Measured on AVX-512 (docs/performance.md): forward and grad-input gain from it only
     on rows of <= 4 (an nchw tile then fills a quarter of a vector: 2x2 maps 0.16x -> 0.6x of
     dense); on 7- and 14-wide rows their chwn working set (a 16-image block of every input
-    channel) spills L2 and they lose. Grad-weight streams and gains up to half a vector width
-    (7x7: 1.3x -> 2.1-3.3x)."""
+    channel) spills L2 and they lose. Grad-weight (in blocks of two kernels) gains from it
+    only on rows of 5-7 up to half a vector, which nchw would pad (7x7: 1.14-1.25x against
+    0.91-1.12x); on 2-, 4- and 8-wide rows nchw was faster in each of three runs (4x4:
+    1.2-2.2x against 0.6-1.2x), the layout changes of x and dout costing more than chwn saves."""
     if cuda:
         return "nchw", "nchw", "nchw"
+    row_padded = _round_up(geom.out_w, choose_lanes(geom.out_w, simd_lanes)) != geom.out_w
     return ("chwn" if geom.out_w <= CHWN_DIRECT_MAX_WIDTH else "nchw",
             "chwn" if geom.in_w <= CHWN_DIRECT_MAX_WIDTH else "nchw",
-            "chwn" if geom.out_w <= simd_lanes // 2 else "nchw")
+            "chwn" if CHWN_DIRECT_MAX_WIDTH < geom.out_w <= simd_lanes // 2 and row_padded else "nchw")
 
 
 def choose_chwn_rows(height: int, width: int) -> int:
@@ -185,10 +188,16 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     grad_input = DirectConvSpec(f"ct_dgrad_{gi_layout}_{tag}", geom.out_channels, geom.in_channels, gi_in[0], gi_in[1],
                                 ih, iw, (1, 1), flipped, rows_g, lanes_g, bias=False, layout=gi_layout)
     # grad-weight reads the forward's padded input when their layouts agree; otherwise its own copy
-    gw_lanes = target.simd_lanes if gw_layout == "chwn" else (1 if cuda else min(lanes_f, target.simd_lanes))
-    gw_w = geom.out_w if gw_layout == "chwn" else ow
+    if gw_layout == "chwn":
+        gw_lanes, gw_w = target.simd_lanes, geom.out_w
+    elif fwd_layout == "nchw":  # the forward's padded input serves as is
+        gw_lanes, gw_w = (1 if cuda else min(lanes_f, target.simd_lanes)), ow
+    else:  # a chwn forward's row is not an nchw tile: grad-weight tiles its own and pads its own input
+        _, lanes_n, _, gw_w = _tile("nchw", geom.out_h, geom.out_w, target, cuda)
+        gw_lanes = min(lanes_n, target.simd_lanes)
+    gw_in_w = max(fwd_in[1], (gw_w - 1) * sw + 2 * dw + 1)
     grad_weight = GradWeightSpec(f"ct_wgrad_{gw_layout}_{tag}", geom.in_channels, geom.out_channels,
-                                 fwd_in[0], fwd_in[1], geom.out_h, geom.out_h, gw_w, geom.stride, fwd_offsets,
+                                 fwd_in[0], gw_in_w, geom.out_h, geom.out_h, gw_w, geom.stride, fwd_offsets,
                                  gw_lanes, gw_layout, group=grad_weight_group(target))
     return KernelPlan(geom, forward, grad_input, grad_weight, fwd_in, gi_in)
 

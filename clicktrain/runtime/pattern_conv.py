@@ -101,9 +101,10 @@ class LayerRunner:
         return _pad_to(x.float(), top, left, *extent)
 
     def pad_input(self, x, spec=None):
-        """The padded input of the forward kernel (or of ``spec``, reading the same extent)."""
-        g, plan = self.geometry, self.kernels.plan
-        return self._padded(spec or plan.forward, x, g.padding[0], g.padding[1], plan.fwd_in)
+        """The padded input of the forward kernel (or of ``spec``: its layout and extent)."""
+        g = self.geometry
+        spec = spec or self.kernels.plan.forward
+        return self._padded(spec, x, g.padding[0], g.padding[1], (spec.in_h, spec.in_w))
 
     @staticmethod
     def _run_direct(func, spec, xpad, weight, widx, ptr, src, perm, bias, channels: int, batch: int, h: int, w: int):
@@ -160,7 +161,8 @@ class LayerRunner:
                 dout, x, weight.detach(), None, list(g.stride), list(g.padding), list(g.dilation), False, [0, 0], 1,
                 [False, True, False])[1]
             return self._dense_from_kept(full.reshape(-1)[idx.fwd_weight_index], weight)  # kept ones, as the kernel
-        if xpad is None or plan.grad_weight.layout != plan.forward.layout:
+        gw, fwd = plan.grad_weight, plan.forward
+        if xpad is None or (gw.layout, gw.in_h, gw.in_w) != (fwd.layout, fwd.in_h, fwd.in_w):
             xpad = self.pad_input(x, plan.grad_weight)
         dpad = self._padded(plan.grad_weight, dout, 0, 0, (plan.grad_weight.out_h, plan.grad_weight.out_w))
         grad = torch.zeros(plan.grad_weight.gradient_size, device=weight.device)  # + scratch for short blocks
@@ -194,7 +196,9 @@ class LayerRunner:
                                          lambda: dense.grad_input(dout, w, tuple(x.shape)))}
         # grad-weight reuses the forward's padded input only if the generated forward runs
         plan = self.kernels.plan
-        shared = timings["forward"][0] < timings["forward"][1] and plan.grad_weight.layout == plan.forward.layout
+        gw, fwd = plan.grad_weight, plan.forward
+        shared = timings["forward"][0] < timings["forward"][1] and \
+            (gw.layout, gw.in_h, gw.in_w) == (fwd.layout, fwd.in_h, fwd.in_w)
         xpad = self.pad_input(x) if shared else None
         timings["grad_weight"] = fastest(lambda: generated.grad_weight(dout, x, xpad, w),
                                          lambda: dense.grad_weight(dout, x, None, w))
