@@ -13,6 +13,8 @@ if "GOMP_SPINCOUNT" not in os.environ:
 import statistics  # noqa: E402
 import time  # noqa: E402
 
+from clicktrain.machine import fastest_alternating  # noqa: E402,F401  (re-exported for the benchmarks)
+
 
 def _sync() -> None:
     import torch
@@ -31,23 +33,6 @@ def median_seconds(fn, repeats: int = 7, warmup: int = 2) -> float:
         _sync()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
-
-
-def fastest_alternating(fns: dict, rounds: int = 9) -> dict:
-    """Fastest time of each function, the functions taking turns round after round. On a
-    shared machine a slow minute then hits every contender, and the minimum is what the code
-    costs when nothing else interferes (per-call noise only ever adds time)."""
-    for fn in fns.values():
-        fn()  # warm-up: compile, tune, caches
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            _sync()
-            started = time.perf_counter()
-            fn()
-            _sync()
-            best[key] = min(best[key], time.perf_counter() - started)
-    return best
 
 
 def header(threads: int, target: str = "llvm") -> str:

@@ -1,9 +1,11 @@
-"""Machine facts printed with every benchmark, and thread settings shared by torch and TVM."""
+"""Machine facts printed with every benchmark, thread settings shared by torch and TVM, and
+the timing rule both the per-layer kernel choice and the benchmarks use."""
 
 from __future__ import annotations
 
 import os
 import platform
+import time
 
 
 def cpu_description() -> str:
@@ -30,3 +32,25 @@ def set_threads(n: int | None = None) -> int:
     torch.set_num_threads(n)
     os.environ["TVM_NUM_THREADS"] = str(n)
     return n
+
+
+def fastest_alternating(fns: dict, rounds: int = 9) -> dict:
+    """Fastest seconds of each function, the functions taking turns round after round, after
+    one warm-up call each. On a shared machine a slow minute then hits every contender, and
+    the minimum is what the code costs when nothing interferes (noise only ever adds time)."""
+    import torch
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    for fn in fns.values():
+        fn()  # warm-up: compile, tune, caches
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            sync()
+            started = time.perf_counter()
+            fn()
+            sync()
+            best[key] = min(best[key], time.perf_counter() - started)
+    return best

@@ -75,12 +75,16 @@ class KernelPlan:
     forward: DirectConvSpec
     grad_input: DirectConvSpec
     grad_weight: GradWeightSpec
-    fwd_in: tuple[int, int]      # (rows, cols) the padded forward input must have
-    gi_in: tuple[int, int]       # (rows, cols) of the padded, upsampled dout
 
     @property
     def specs(self):
         return (self.forward, self.grad_input, self.grad_weight)
+
+    @property
+    def grad_weight_reads_forward_input(self) -> bool:
+        """Grad-weight can read the forward's padded input: same layout, same extent."""
+        gw, fwd = self.grad_weight, self.forward
+        return (gw.layout, gw.in_h, gw.in_w) == (fwd.layout, fwd.in_h, fwd.in_w)
 
 
 DIRECT_ACCUMULATORS = 8  # vector registers an nchw direct-conv tile holds (measured best: choose_rows)
@@ -152,8 +156,8 @@ def grad_weight_blocks(fwd: FilterKernelLayout, num_patterns: int, group: int):
     the scratch slots past the dense weight (``numel + t``)."""
     K, k = fwd.weight_index.shape
     numel = fwd.out_channels * fwd.in_channels * 9
-    order = torch.sort(fwd.kernel_pattern.long() * fwd.in_channels + fwd.kernel_channel.long(), stable=True).indices
-    key = fwd.kernel_pattern.long()[order] * fwd.in_channels + fwd.kernel_channel.long()[order]
+    pattern = fwd.kernel_pattern.long()
+    key, order = torch.sort(pattern * fwd.in_channels + fwd.kernel_channel.long(), stable=True)
     _, counts = torch.unique_consecutive(key, return_counts=True)
     run_start = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
     blocks_per_run = -(-counts // group)
@@ -167,8 +171,8 @@ def grad_weight_blocks(fwd: FilterKernelLayout, num_patterns: int, group: int):
     positions = (numel + torch.arange(k)).repeat(B, group, 1)
     filters[block, slot] = fwd.kernel_filter[order]
     positions[block, slot] = fwd.weight_index[order]
-    block_pattern = fwd.kernel_pattern.long()[first]
-    pointer = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(block_pattern, minlength=num_patterns).cumsum(0)])
+    blocks_per_pattern = torch.bincount(pattern[first], minlength=num_patterns)
+    pointer = torch.cat([torch.zeros(1, dtype=torch.long), blocks_per_pattern.cumsum(0)])
     return filters, fwd.kernel_channel[first], positions, pointer
 
 
@@ -199,7 +203,7 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     grad_weight = GradWeightSpec(f"ct_wgrad_{gw_layout}_{tag}", geom.in_channels, geom.out_channels,
                                  fwd_in[0], gw_in_w, geom.out_h, geom.out_h, gw_w, geom.stride, fwd_offsets,
                                  gw_lanes, gw_layout, group=grad_weight_group(target))
-    return KernelPlan(geom, forward, grad_input, grad_weight, fwd_in, gi_in)
+    return KernelPlan(geom, forward, grad_input, grad_weight)
 
 
 def kernel_sources(plan: KernelPlan, target: KernelTarget) -> dict[str, str]:

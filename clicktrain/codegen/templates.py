@@ -9,8 +9,9 @@ and every library pattern ``p``, walk the run of kept kernels ``j`` in
 no per-weight branching and no offset table in the inner loop; dropped kernels are simply
 absent from the runs. Weights are read from the dense weight tensor through ``widx[j, t]``
 (the flat position of kept weight ``t`` of kernel ``j``): one indirect scalar load per kept
-weight per output tile, instead of a gather into a compact copy on every call. The output tile is ``rows x lanes`` accumulators (vectorised along
-the output width on CPU; one thread per output pixel on CUDA).
+weight per output tile, instead of a gather into a compact copy on every call. The output
+tile is ``rows x lanes`` accumulators (vectorised along the output width on CPU; one thread
+per output pixel on CUDA).
 
 ``grad_weight`` -- for every block of ``group`` kept kernels that share an input channel
 ``c`` and a pattern (blocks grouped by pattern, again with constant offsets), reduce
@@ -44,7 +45,6 @@ class DirectConvSpec:
     name: str
     src_channels: int   # channels of the input buffer
     dst_channels: int   # output channels (rows of ptr)
-    # (the dense weight holds src_channels * dst_channels 3x3 kernels in either direction)
     in_h: int           # padded input extent
     in_w: int
     out_h: int          # padded output extent (multiple of rows)
@@ -59,6 +59,11 @@ class DirectConvSpec:
     @property
     def k(self) -> int:
         return len(self.offsets[0])
+
+    @property
+    def weight_size(self) -> int:
+        """Floats of the dense weight the kernel reads (``src x dst`` 3x3 kernels, either direction)."""
+        return self.src_channels * self.dst_channels * 9
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ def _direct_buffers(s: DirectConvSpec) -> list[str]:
     P = len(s.offsets)
     return [
         f'    inp = T.match_buffer(inp_h, {_activation(s.src_channels, s.in_h, s.in_w, s.layout)}, "float32")',
-        f'    w = T.match_buffer(w_h, ({s.src_channels * s.dst_channels * 9},), "float32")',
+        f'    w = T.match_buffer(w_h, ({s.weight_size},), "float32")',
         f'    widx = T.match_buffer(widx_h, (kk, {s.k}), "int32")',
         f'    ptr = T.match_buffer(ptr_h, ({s.dst_channels}, {P + 1}), "int32")',
         f'    src = T.match_buffer(src_h, (kk,), "int32")',

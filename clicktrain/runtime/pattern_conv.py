@@ -1,13 +1,13 @@
 """The autograd bridge from a hardened prunable conv to its generated kernels.
 
 ``PatternConv2d`` replaces ``torch.conv2d`` for a prunable conv when the target is llvm or
-cuda. It takes the dense weight, so optimizers and state_dict keep the dense
-parameter API: the kernels read the kept weights straight from it through the layout's
-index arrays (``K x k`` flat positions, no compact copy per call), and grad-weight writes
-the kept weights' gradients into a zeroed dense gradient, so pruned entries get exact
-zeros. Tensors cross to TVM through DLPack without copies. The weight arrives unmasked (its PatternMask skips
-the multiply, ``consumers_mask``): the generated kernels read kept weights only, and where
-torch's conv runs a kind instead it gets the weight with the pruned entries zeroed here.
+cuda. It takes the dense weight, so optimizers and state_dict keep the dense parameter
+API: the kernels read the kept weights straight from it through the layout's index arrays
+(``K x k`` flat positions, no compact copy per call), and grad-weight writes the kept
+weights' gradients into a zeroed dense gradient, so pruned entries get exact zeros. Tensors
+cross to TVM through DLPack without copies. The weight arrives unmasked (its PatternMask
+skips the multiply, ``consumers_mask``): the generated kernels read kept weights only, and
+where torch's conv runs a kind instead it gets the weight with the pruned entries zeroed here.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ class LayerRunner:
             up[:, :, ::sh, ::sw] = dout
         else:
             up = dout
-        upad = self._padded(plan.grad_input, up, 2 * dh - g.padding[0], 2 * dw - g.padding[1], plan.gi_in)
+        gi = plan.grad_input
+        upad = self._padded(gi, up, 2 * dh - g.padding[0], 2 * dw - g.padding[1], (gi.in_h, gi.in_w))
         return self._run_direct(self.kernels.grad_input, plan.grad_input, upad, weight, *map(idx.handle, BWD_INDEX),
                                 idx.bias_zeros(g.in_channels, dout), g.in_channels, dout.shape[0],
                                 g.in_h, g.in_w)
@@ -161,8 +162,7 @@ class LayerRunner:
                 dout, x, weight.detach(), None, list(g.stride), list(g.padding), list(g.dilation), False, [0, 0], 1,
                 [False, True, False])[1]
             return self._dense_from_kept(full.reshape(-1)[idx.fwd_weight_index], weight)  # kept ones, as the kernel
-        gw, fwd = plan.grad_weight, plan.forward
-        if xpad is None or (gw.layout, gw.in_h, gw.in_w) != (fwd.layout, fwd.in_h, fwd.in_w):
+        if xpad is None or not plan.grad_weight_reads_forward_input:
             xpad = self.pad_input(x, plan.grad_weight)
         dpad = self._padded(plan.grad_weight, dout, 0, 0, (plan.grad_weight.out_h, plan.grad_weight.out_w))
         grad = torch.zeros(plan.grad_weight.gradient_size, device=weight.device)  # + scratch for short blocks
@@ -175,30 +175,21 @@ class LayerRunner:
         (padding, layout changes, weight gather and scatter), and keep the faster. The two
         ways run alternately and compare by their fastest run: on a shared machine a burst
         of load elsewhere then cannot decide the choice."""
-        import time as _time
+        from ..machine import fastest_alternating
         w, g = weight.detach(), self.geometry
         x = torch.randn(x_shape, device=weight.device)
         dout = torch.randn_like(F.conv2d(x, w, None, g.stride, g.padding, g.dilation))
         generated, dense = self._with(**dict.fromkeys(KINDS, True)), self._with(**dict.fromkeys(KINDS, False))
 
         def fastest(a, b):
-            best = [float("inf"), float("inf")]
-            a(), b()  # warm-up
-            for _ in range(repeats):
-                for i, fn in enumerate((a, b)):
-                    started = _time.perf_counter()
-                    fn()
-                    best[i] = min(best[i], _time.perf_counter() - started)
-            return tuple(best)
+            best = fastest_alternating({"generated": a, "dense": b}, repeats)
+            return best["generated"], best["dense"]
 
         timings = {"forward": fastest(lambda: generated.forward(x, w, bias), lambda: dense.forward(x, w, bias)),
                    "grad_input": fastest(lambda: generated.grad_input(dout, w, tuple(x.shape)),
                                          lambda: dense.grad_input(dout, w, tuple(x.shape)))}
         # grad-weight reuses the forward's padded input only if the generated forward runs
-        plan = self.kernels.plan
-        gw, fwd = plan.grad_weight, plan.forward
-        shared = timings["forward"][0] < timings["forward"][1] and \
-            (gw.layout, gw.in_h, gw.in_w) == (fwd.layout, fwd.in_h, fwd.in_w)
+        shared = timings["forward"][0] < timings["forward"][1] and self.kernels.plan.grad_weight_reads_forward_input
         xpad = self.pad_input(x) if shared else None
         timings["grad_weight"] = fastest(lambda: generated.grad_weight(dout, x, xpad, w),
                                          lambda: dense.grad_weight(dout, x, None, w))
