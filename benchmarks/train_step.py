@@ -1,5 +1,6 @@
 """A full training step (forward, backward, SGD step) of a hardened model on generated
-kernels (``target="llvm"``) against the same model trained dense with torch.
+kernels (``target="llvm"``, or ``"cuda"`` with ``--target cuda``) against the same model
+trained dense with torch.
 
 All three models -- dense (the plain ``nn.Module``), torch-masked (hardened on
 ``target="torch"``) and llvm (hardened on ``target="llvm"``) -- live in this one process and
@@ -13,6 +14,7 @@ torch's dense conv (measured during warm-up, glue included); the choice is print
     .venv/bin/python benchmarks/train_step.py [--models vgg11 resnet20] [--sizes 28 32] [--batch 64]
     .venv/bin/python benchmarks/train_step.py --models vgg11 --sizes 28 --width 0.25 --in-channels 1 \\
         --ramp --profile          # the main job's model and pruning, with time per op
+    .venv/bin/python benchmarks/train_step.py --target cuda   # on a GPU: cuda kernels vs cuDNN
 """
 
 from __future__ import annotations
@@ -69,16 +71,19 @@ def hardened(name, x, target, connectivity, ramp, args):
     return m
 
 
-def round_robin(steps: dict, rounds: int, warmup: int = 3) -> dict:
-    """Median seconds per step of each stepper, taking one step of each in turn."""
+def round_robin(steps: dict, rounds: int, warmup: int = 3, sync=lambda: None) -> dict:
+    """Median seconds per step of each stepper, taking one step of each in turn (``sync``
+    waits for a GPU's queued work, so a step is timed to its end)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
+            sync()
             started = time.perf_counter()
             step()
+            sync()
             times[name].append(time.perf_counter() - started)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -114,34 +119,40 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15, help="rounds (one step of each model per round)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="also print the time per op of dense and llvm")
+    parser.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
     args = parser.parse_args()
     threads = set_threads(args.threads)
-    print(header(threads))
+    gen = args.target
+    device = torch.device("cuda" if gen == "cuda" else "cpu")
+    sync = torch.cuda.synchronize if gen == "cuda" else (lambda: None)
+    print(header(threads, gen))
     print(f"batch {args.batch}, width {args.width}, {args.in_channels} input channels"
-          f"{', layer-ramped drop ratios' if args.ramp else ''}; ratio = dense step time / llvm step time "
-          f"(>1: llvm is faster); median over {args.repeats} rounds, the three models alternating")
-    print(f"{'model':<10} {'input':>6} {'density':>8} {'dense ms':>9} {'torch-masked ms':>16} {'llvm ms':>8} "
-          f"{'llvm vs dense':>14}  generated kinds (fwd/dgrad/wgrad) per layer")
+          f"{', layer-ramped drop ratios' if args.ramp else ''}; ratio = dense step time / {gen} step time "
+          f"(>1: {gen} is faster); median over {args.repeats} rounds, the three models alternating")
+    print(f"{'model':<10} {'input':>6} {'density':>8} {'dense ms':>9} {'torch-masked ms':>16} {gen + ' ms':>8} "
+          f"{gen + ' vs dense':>14}  generated kinds (fwd/dgrad/wgrad) per layer")
     for name in args.models:
         for size in args.sizes:
             torch.manual_seed(0)
             x, y = torch.randn(args.batch, args.in_channels, size, size), torch.randint(0, 10, (args.batch,))
             torch.manual_seed(0)
-            dense_model = build_model(name, args.in_channels, 10, width=args.width)
+            dense_model = build_model(name, args.in_channels, 10, width=args.width).to(device)
+            x, y = x.to(device), y.to(device)
             for connectivity in args.connectivity:
-                llvm = hardened(name, x, "llvm", connectivity, args.ramp, args)
+                generated = hardened(name, x.cpu(), gen, connectivity, args.ramp, args).to(device)
                 steps = {"dense": stepper(dense_model, x, y),
-                         "torch-masked": stepper(hardened(name, x, "torch", connectivity, args.ramp, args), x, y),
-                         "llvm": stepper(llvm, x, y)}
-                times = round_robin(steps, args.repeats)
+                         "torch-masked": stepper(hardened(name, x.cpu(), "torch", connectivity, args.ramp, args)
+                                                 .to(device), x, y),
+                         gen: stepper(generated, x, y)}
+                times = round_robin(steps, args.repeats, sync=sync)
                 kinds = " ".join("".join("G" if u else "t" for u in mod._use[next(iter(mod._use))].values())
-                                 for mod in llvm.modules() if isinstance(mod, PatternConv2d) and mod._use)
-                density = ct.pruning_report(llvm).conv_density
+                                 for mod in generated.modules() if isinstance(mod, PatternConv2d) and mod._use)
+                density = ct.pruning_report(generated).conv_density
                 print(f"{name:<10} {size:>6} {density:>8.3f} {times['dense'] * 1e3:>9.1f} "
-                      f"{times['torch-masked'] * 1e3:>16.1f} {times['llvm'] * 1e3:>8.1f} "
-                      f"{times['dense'] / times['llvm']:>13.2f}x  {kinds}", flush=True)
+                      f"{times['torch-masked'] * 1e3:>16.1f} {times[gen] * 1e3:>8.1f} "
+                      f"{times['dense'] / times[gen]:>13.2f}x  {kinds}", flush=True)
                 if args.profile:
-                    print(op_profile({k: steps[k] for k in ("dense", "llvm")}))
+                    print(op_profile({k: steps[k] for k in ("dense", gen)}))
     print("G = generated kernel, t = torch dense conv on the masked weight (measured faster for that layer)")
 
 

@@ -335,3 +335,18 @@ def test_cuda_kernels_generate_and_compile_without_a_gpu(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ct.TargetError, match="no CUDA GPU is visible"):
             m(x)
+
+
+def test_cuda_grad_weight_reduces_across_threads():
+    """Grad-weight on CUDA shares each kept kernel's reduction among a block's threads (one
+    warp for tiny maps, up to 256), then sums the partials in a synced shared-memory tree."""
+    from clicktrain.codegen.kernels import ConvGeometry, kernel_sources, plan_kernels
+    from clicktrain.codegen.target import resolve_target
+    from clicktrain.codegen.templates import cuda_reduce_threads
+    assert [cuda_reduce_threads(p) for p in (4, 16, 64, 196, 784)] == [32, 32, 32, 128, 256]
+    target = resolve_target("cuda")
+    plan = plan_kernels(ConvGeometry(8, 8, 14, 14, (1, 1), (1, 1), (1, 1)), ct.patterns.fixed_library(4, 4), target)
+    source = kernel_sources(plan, target)[plan.grad_weight.name]
+    assert 'thread_binding(128, thread="threadIdx.x")' in source
+    steps = [line.strip() for line in source.splitlines() if line.strip().startswith("if tx <")]
+    assert steps == [f"if tx < {h}:" for h in (64, 32, 16, 8, 4, 2, 1)] + ["if tx < 4 and j < kk:"]

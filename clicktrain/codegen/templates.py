@@ -10,8 +10,8 @@ no per-weight branching and no offset table in the inner loop; dropped kernels a
 absent from the runs. Weights are read from the dense weight tensor through ``widx[j, t]``
 (the flat position of kept weight ``t`` of kernel ``j``): one indirect scalar load per kept
 weight per output tile, instead of a gather into a compact copy on every call. The output
-tile is ``rows x lanes`` accumulators (vectorised along the output width on CPU; one thread
-per output pixel on CUDA).
+tile is ``rows x lanes`` accumulators (vectorised along the output width on CPU; on CUDA a
+thread holds one output pixel of ``CUDA_IMAGES`` images).
 
 ``grad_weight`` -- for every block of ``group`` kept kernels that share an input channel
 ``c`` and a pattern (blocks grouped by pattern, again with constant offsets), reduce
@@ -123,15 +123,15 @@ def _direct_buffers(s: DirectConvSpec) -> list[str]:
     ]
 
 
-def _fma_chain(acc: str, s, p: int, b: str, y: str, x: str) -> str:
+def _fma_chain(acc: str, s, p: int, b: str, y: str, x: str, weight: str = "w[widx[j, {t}]]") -> str:
     """``acc += sum_t w[j, t] * input at pattern p's offset t`` (``b``: the batch index, or in
-    the chwn layout the batch-lane index)."""
+    the chwn layout the batch-lane index; ``weight``: how weight ``t`` is read)."""
     sh, sw = s.stride
 
     def at(dy, dx):
         pos = f"({y}) * {sh} + {dy}, ({x}) * {sw} + {dx}"
         return f"inp[src[j], {pos}, {b}]" if s.layout == "chwn" else f"inp[{b}, src[j], {pos}]"
-    terms = [f"w[widx[j, {t}]] * {at(dy, dx)}" for t, (dy, dx) in enumerate(s.offsets[p])]
+    terms = [f"{weight.format(t=t)} * {at(dy, dx)}" for t, (dy, dx) in enumerate(s.offsets[p])]
     return f"{acc} = {acc} + " + " + ".join(terms)
 
 
@@ -172,30 +172,42 @@ def direct_conv_llvm(s: DirectConvSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
+CUDA_THREADS = 128      # threads per direct-conv block
+CUDA_IMAGES = 4         # images per direct-conv thread: one weight load feeds this many FMAs
+
+
 def direct_conv_cuda(s: DirectConvSpec) -> str:
-    """One block per (batch, output channel), one thread per output pixel of a tile; the
-    whole block walks the same runs, so there is no divergence."""
-    O = s.dst_channels
-    threads = min(256, s.out_h * s.out_w)
+    """One block per (output row ``f``, slice of ``CUDA_THREADS`` work items); a work item is
+    one output pixel of ``CUDA_IMAGES`` images, neighbouring threads on neighbouring pixels
+    (coalesced loads). The whole block walks the same runs of ``f``, so there is no
+    divergence, and each kept weight is loaded once per thread for all its images. Images past
+    the batch read the last image (a valid address) and are not stored."""
+    O, T, R = s.dst_channels, CUDA_THREADS, CUDA_IMAGES
     pixels = s.out_h * s.out_w
+    items = f"(n + {R - 1}) // {R} * {pixels}"
     lines = _header(s.name, DIRECT_PARAMS) + _direct_buffers(s)
-    init = f"bias[perm[bf % {O}]]" if s.bias else "T.float32(0)"
+    init = f"bias[perm[blk % {O}]]" if s.bias else "T.float32(0)"
     lines += [
-        f"    for bf in T.thread_binding(n * {O}, thread=\"blockIdx.x\"):",
-        f"        for tile in range({(pixels + threads - 1) // threads}):",
-        f"            for tx in T.thread_binding({threads}, thread=\"threadIdx.x\"):",
-        f'                acc = T.alloc_buffer((1,), "float32", scope="local")',
-        f"                if tile * {threads} + tx < {pixels}:",
-        f"                    acc[0] = {init}",
+        f'    for blk in T.thread_binding(({items} + {T - 1}) // {T} * {O}, thread="blockIdx.x"):',
+        f'        for tx in T.thread_binding({T}, thread="threadIdx.x"):',
+        f'            acc = T.alloc_buffer(({R},), "float32", scope="local")',
+        f'            wk = T.alloc_buffer(({s.k},), "float32", scope="local")',
+        f"            if blk // {O} * {T} + tx < {items}:",
+        f"                for r in T.unroll({R}):",
+        f"                    acc[r] = {init}",
     ]
-    y = f"(tile * {threads} + tx) // {s.out_w}"
-    x = f"(tile * {threads} + tx) % {s.out_w}"
+    e = f"(blk // {O} * {T} + tx)"
+    image = f"T.min({e} // {pixels} * {R} + r, n - 1)"
+    y, x = f"{e} % {pixels} // {s.out_w}", f"{e} % {s.out_w}"
     for p in range(len(s.offsets)):
-        lines += [
-            f"                    for j in range(ptr[bf % {O}, {p}], ptr[bf % {O}, {p + 1}]):",
-            "                        " + _fma_chain("acc[0]", s, p, f"bf // {O}", y, x),
-        ]
-    lines += [f"                    out[bf // {O}, perm[bf % {O}], {y}, {x}] = acc[0]"]
+        lines += [f"                for j in range(ptr[blk % {O}, {p}], ptr[blk % {O}, {p + 1}]):",
+                  f"                    for t in T.unroll({s.k}):",
+                  "                        wk[t] = w[widx[j, t]]",
+                  f"                    for r in T.unroll({R}):",
+                  "                        " + _fma_chain("acc[r]", s, p, image, y, x, weight="wk[{t}]")]
+    lines += [f"                for r in T.unroll({R}):",
+              f"                    if {e} // {pixels} * {R} + r < n:",
+              f"                        out[{e} // {pixels} * {R} + r, perm[blk % {O}], {y}, {x}] = acc[r]"]
     return "\n".join(lines) + "\n"
 
 
@@ -212,13 +224,13 @@ def _grad_weight_buffers(s: GradWeightSpec) -> list[str]:
     ]
 
 
-def _gw_term(s: GradWeightSpec, gi: int, t: int, p: int, x: str, lane: str = "") -> str:
+def _gw_term(s: GradWeightSpec, gi: int, t: int, p: int, x: str, lane: str = "", b: str = "b", y: str = "y") -> str:
     """``dout * shifted input`` of kernel ``gi`` of block ``j``, weight ``t``."""
     dy, dx = s.offsets[p][t]
     sh, sw = s.stride
     if s.layout == "chwn":
-        return f"dout[bf[j, {gi}], y, {x}, {lane}] * inp[bc[j], y * {sh} + {dy}, ({x}) * {sw} + {dx}, {lane}]"
-    return f"dout[b, bf[j, {gi}], y, {x}] * inp[b, bc[j], y * {sh} + {dy}, ({x}) * {sw} + {dx}]"
+        return f"dout[bf[j, {gi}], {y}, {x}, {lane}] * inp[bc[j], ({y}) * {sh} + {dy}, ({x}) * {sw} + {dx}, {lane}]"
+    return f"dout[{b}, bf[j, {gi}], {y}, {x}] * inp[{b}, bc[j], ({y}) * {sh} + {dy}, ({x}) * {sw} + {dx}]"
 
 
 def grad_weight_llvm(s: GradWeightSpec) -> str:
@@ -252,29 +264,53 @@ def grad_weight_llvm(s: GradWeightSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cuda_reduce_threads(pixels: int) -> int:
+    """Threads reducing one kept kernel's gradient: about one per two output pixels of an
+    image, a power of two from one warp to 256 (the batch makes up the rest of the work)."""
+    t = 32
+    while t < 256 and t < pixels // 2:
+        t *= 2
+    return t
+
+
 def grad_weight_cuda(s: GradWeightSpec) -> str:
-    """One thread per kept kernel, reducing over batch and space serially: no block-level
-    synchronisation, and thousands of kept kernels per layer give enough threads. Kernels are
-    pattern-major, so a warp almost always takes one pattern's branch; the grid depends on
-    shapes only (launch sizes are computed on the host) and is never empty. Blocks are single
-    kernels here (``group`` 1)."""
+    """One block per kept kernel: its threads share the reduction over batch and space
+    (neighbouring threads on neighbouring pixels, so loads coalesce), then add their ``k``
+    partial sums in a shared-memory tree. Kernels are pattern-major and a block holds one, so
+    the pattern branch is uniform per block. Blocks are single kernels here (``group`` 1)."""
     assert s.group == 1, "the cuda grad-weight kernel takes one kernel per block"
-    k, threads = s.k, 64
+    k, W = s.k, s.out_w
+    pixels = s.true_out_h * W
+    T = cuda_reduce_threads(pixels)
+    steps = f"(n * {pixels} + {T - 1}) // {T}"
     lines = _header(s.name, GRAD_WEIGHT_PARAMS) + _grad_weight_buffers(s)
     lines += [
-        f"    for jb in T.thread_binding(T.max((kk + {threads - 1}) // {threads}, 1), thread=\"blockIdx.x\"):",
-        f"        for tx in T.thread_binding({threads}, thread=\"threadIdx.x\"):",
+        f'    for j in T.thread_binding(T.max(kk, 1), thread="blockIdx.x"):',
+        f'        for tx in T.thread_binding({T}, thread="threadIdx.x"):',
         f'            acc = T.alloc_buffer(({k},), "float32", scope="local")',
-        f"            j = jb * {threads} + tx",
+        f'            red0 = T.alloc_buffer(({k}, {T}), "float32", scope="shared")',
+        f'            red1 = T.alloc_buffer(({k}, {T}), "float32", scope="shared")',
+        f"            for t in T.unroll({k}):",
+        "                acc[t] = T.float32(0)",
     ]
+    e = f"(it * {T} + tx)"
     for p in range(len(s.offsets)):
-        lines += [
-            f"            if pptr[{p}] <= j and j < pptr[{p + 1}]:",
-            f"                for t in range({k}):",
-            "                    acc[t] = T.float32(0)",
-            f"                for b, y, x in T.grid(n, {s.true_out_h}, {s.out_w}):",
-        ]
-        lines += [f"                    acc[{t}] = acc[{t}] + " + _gw_term(s, 0, t, p, "x") for t in range(k)]
-        lines += [f"                for t in range({k}):",
-                  "                    g[gidx[j, 0, t]] = acc[t]"]
+        lines += [f"            if pptr[{p}] <= j and j < pptr[{p + 1}]:",
+                  f"                for it in range({steps}):",
+                  f"                    if {e} < n * {pixels}:"]
+        lines += [f"                        acc[{t}] = acc[{t}] + "
+                  + _gw_term(s, 0, t, p, f"{e} % {W}", b=f"{e} // {pixels}", y=f"{e} % {pixels} // {W}")
+                  for t in range(k)]
+    # partial sums meet in a shared-memory tree; ping-pong buffers keep each step's reads and
+    # writes apart, so TVM's sync planner puts barriers between steps only
+    lines += [f"            for t in T.unroll({k}):",
+              "                red0[t, tx] = acc[t]"]
+    half, buf = T // 2, 0
+    while half >= 1:
+        lines += [f"            if tx < {half}:",
+                  f"                for t in T.unroll({k}):",
+                  f"                    red{1 - buf}[t, tx] = red{buf}[t, tx] + red{buf}[t, tx + {half}]"]
+        half, buf = half // 2, 1 - buf
+    lines += [f"            if tx < {k} and j < kk:",
+              f"                g[gidx[j, 0, tx]] = red{buf}[tx, 0]"]
     return "\n".join(lines) + "\n"

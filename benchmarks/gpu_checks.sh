@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU checks in one go, for a (lent) machine with an NVIDIA GPU: the CUDA numerics tests,
+# then benchmarks/kernels.py and benchmarks/train_step.py on target "cuda" against cuDNN.
+# Logs go to $OUT (default ./gpu-out). The machine needs torch with CUDA; TVM either installed
+# or given as a bundle folder (for machines without a package registry) holding the
+# apache-tvm-ffi wheel for its Python, tvm-runtime.tar.xz (the apache-tvm wheel's files
+# without libtvm_compiler.so) and libtvm_compiler.so.xz:
+#
+#     benchmarks/gpu_checks.sh [BUNDLE_DIR]
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 CLICKTRAIN_CACHE=${CLICKTRAIN_CACHE:-/tmp/clicktrain-gpu-cache}
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the scripts import clicktrain from this checkout
+if [ $# -ge 1 ]; then  # TVM from the bundle: compiling happens here, for this GPU
+  site=/tmp/clicktrain-tvm
+  mkdir -p $site
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $site "$1"/*.whl || exit 1
+  tar xJf "$1/tvm-runtime.tar.xz" -C $site && xz -dc "$1/libtvm_compiler.so.xz" > $site/tvm/lib/libtvm_compiler.so || exit 1
+  export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi -L
+$PY -c "import torch, tvm; print('torch', torch.__version__, '| TVM', tvm.__version__, '|', torch.cuda.get_device_name())" || exit 1
+
+started=$(date +%s)
+# compile every kernel first, in parallel processes sharing the cache (each kernel ~1 s)
+pids=()
+$PY tests/cuda_prebuild.py --no-bench > "$OUT/compile-tests.log" 2>&1 & pids+=($!)
+for m in vgg11 resnet20; do for s in 28 32; do
+  $PY benchmarks/kernels.py --target cuda --compile-only --models $m --sizes $s > "$OUT/compile-$m-$s.log" 2>&1 & pids+=($!)
+done; done
+for p in "${pids[@]}"; do wait $p || echo "a compile job failed (see $OUT/compile-*.log)"; done
+echo "compiled in $(( $(date +%s) - started )) s"
+
+$PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test-cuda.txt"
+$PY benchmarks/kernels.py --target cuda 2>&1 | tee "$OUT/kernels-cuda.txt"
+$PY benchmarks/train_step.py --target cuda --models vgg11 resnet20 --sizes 32 --connectivity 0.5 0.75 --repeats 20 \
+  2>&1 | tee "$OUT/train-step-cuda.txt"
+CLICKTRAIN_AUTOTUNE=0 $PY benchmarks/train_step.py --target cuda --models vgg11 resnet20 --sizes 32 \
+  --connectivity 0.5 0.75 --repeats 20 2>&1 | tee "$OUT/train-step-cuda-generated-only.txt"
+echo "all done in $(( $(date +%s) - started )) s"
