@@ -151,6 +151,20 @@ def test_every_mix_of_generated_and_torch_kernels_agrees(use):
     assert bool((dw[~mask.mask()] == 0).all())  # exact zeros: the optimizer keeps pruned weights at zero
 
 
+def test_a_conv_that_runs_torch_everywhere_is_the_torch_target_conv():
+    """With every kind on torch (KernelRace chose torch, or autotune did for each kind), the
+    conv skips the autograd bridge: a plain masked conv, numerically the masked dense conv."""
+    conv, masked_w, mask = hardened_conv(12, 10, 1, 1, 1, 0.3)
+    conv.generated = False
+    x = torch.randn(2, 10, 9, 9, requires_grad=True)
+    poisoned = masked_w.masked_fill(~mask.mask(), 1e3).requires_grad_(True)
+    out = conv(x, poisoned, None)
+    assert type(out.grad_fn).__name__ == "ConvolutionBackward0"
+    assert rel_err(out, F.conv2d(x, masked_w, None, 1, 1, 1)) < 1e-5
+    out.square().sum().backward()
+    assert bool((poisoned.grad[~mask.mask()] == 0).all())
+
+
 def test_autotune_measures_once_and_remembers(tmp_path, monkeypatch):
     monkeypatch.setenv("CLICKTRAIN_CACHE", str(tmp_path))
     conv, masked_w, _ = hardened_conv(8, 8, 1, 1, 1, 0.0, seed=5)

@@ -103,6 +103,10 @@ class PatternMask(nn.Module):
             _register_hardened(weight, self)
         if self.consumers_mask:
             return weight
+        return self.masked(weight)
+
+    def masked(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` with its pruned entries zeroed, differentiably (their gradient is zero)."""
         return weight * self.mask()
 
     def apply_(self, weight: torch.Tensor) -> None:

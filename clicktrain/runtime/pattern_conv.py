@@ -284,12 +284,20 @@ class PatternConv2d(nn.Module):
                               f"{x.device}: use target='cuda' for GPU tensors")
         if x.dtype != torch.float32:
             raise TargetError(f"'{self.site_name}': generated kernels are float32, got {x.dtype}")
-        runner = LayerRunner(self.kernels_for(tuple(x.shape[-2:]), weight.shape), self.index_for(x.device))
         if not self.generated:
-            runner.use = dict.fromkeys(KINDS, False)
-        elif self.autotune:
+            return self._torch_conv(x, weight, bias)
+        runner = LayerRunner(self.kernels_for(tuple(x.shape[-2:]), weight.shape), self.index_for(x.device))
+        if self.autotune:
             runner.use = self.choice_for(runner, tuple(x.shape), weight, bias)
+            if not any(runner.use.values()):
+                return self._torch_conv(x, weight, bias)
         return _PatternConvFunction.apply(x, weight, bias, runner)
+
+    def _torch_conv(self, x, weight, bias):
+        """Where torch runs every kind, exactly what ``target="torch"`` runs: no autograd
+        bridge, no gather or scatter (measured on an H100: VGG-11 with every layer on torch
+        through the bridge took 9.4 ms a step, 5.7 ms on target="torch")."""
+        return F.conv2d(x, self._mask.masked(weight), bias, self.stride, self.padding, self.dilation)
 
     def choice_for(self, runner: LayerRunner, x_shape: tuple, weight, bias) -> dict:
         """Generated kernel or torch, per kind, for this input shape and number of kept
