@@ -139,6 +139,7 @@ def test_every_mix_of_generated_and_torch_kernels_agrees(use):
     # the runner gets the weight unmasked (PatternMask skips the multiply before kernels):
     # whatever the pruned entries hold, every path must compute with them as zeros
     poisoned = masked_w.masked_fill(~mask.mask(), 1e3)
+    poisoned.view(-1)[int((~mask.mask()).view(-1).nonzero()[0])] = float("nan")
     out, xpad = runner.forward(x, poisoned, None)
     ref = F.conv2d(x, masked_w, None, 2, 1, 1)
     assert rel_err(out, ref) < 1e-4
@@ -364,3 +365,20 @@ def test_cuda_grad_weight_reduces_across_threads():
     assert 'thread_binding(128, thread="threadIdx.x")' in source
     steps = [line.strip() for line in source.splitlines() if line.strip().startswith("if tx <")]
     assert steps == [f"if tx < {h}:" for h in (64, 32, 16, 8, 4, 2, 1)] + ["if tx < 4 and j < kk:"]
+
+
+def test_direct_conv_stores_the_true_output_size():
+    """An nchw tile grid that overhangs the output stores straight into the true-size output
+    (no crop copy afterwards): rows past the height are skipped, the overhanging column tile
+    stores lane by lane, the others whole vectors."""
+    from clicktrain.codegen.kernels import ConvGeometry, kernel_sources, plan_kernels
+    from clicktrain.codegen.target import resolve_target
+    target = resolve_target("llvm")
+    plan = plan_kernels(ConvGeometry(16, 16, 30, 30, (1, 1), (1, 1), (1, 1)), ct.patterns.fixed_library(4, 4), target)
+    fwd = plan.forward
+    assert fwd.layout == "nchw" and fwd.out_extent == (30, 30) and fwd.out_w > 30
+    source = kernel_sources(plan, target)[fwd.name]
+    assert "out = T.match_buffer(out_h, (n, 16, 30, 30)" in source
+    assert f"if xt * {fwd.lanes} + {fwd.lanes} <= 30:" in source and f"if xt * {fwd.lanes} + v < 30:" in source
+    if fwd.out_h > 30:
+        assert f"if yt * {fwd.rows} + r < 30:" in source

@@ -15,7 +15,7 @@ import torch
 
 from ..passes.conv_sites import pair
 from ..passes.reorder import FilterKernelLayout
-from ..patterns import pattern_offsets
+from ..patterns import kernel_masks, pattern_offsets
 from .cache import compile_cached
 from .target import KernelTarget, cuda_available
 from .templates import DirectConvSpec, GradWeightSpec, direct_conv_cuda, direct_conv_llvm, grad_weight_cuda, grad_weight_llvm
@@ -187,10 +187,15 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     fwd_in = ((oh - 1) * sh + 2 * dh + 1, (ow - 1) * sw + 2 * dw + 1)
     gi_in = (ih - 1 + 2 * dh + 1, iw - 1 + 2 * dw + 1)
     tag = f"{geom.tag()}_{abs(hash(fwd_offsets)) % 10**8}"
+    # nchw outputs are stored at their true size (a tile overhanging it stores lane by lane)
+    fwd_stored = (geom.out_h, geom.out_w) if fwd_layout == "nchw" else None
+    gi_stored = (geom.in_h, geom.in_w) if gi_layout == "nchw" else None
     forward = DirectConvSpec(f"ct_fwd_{fwd_layout}_{tag}", geom.in_channels, geom.out_channels, fwd_in[0], fwd_in[1],
-                             oh, ow, geom.stride, fwd_offsets, rows_f, lanes_f, bias=True, layout=fwd_layout)
+                             oh, ow, geom.stride, fwd_offsets, rows_f, lanes_f, bias=True, layout=fwd_layout,
+                             stored=fwd_stored)
     grad_input = DirectConvSpec(f"ct_dgrad_{gi_layout}_{tag}", geom.out_channels, geom.in_channels, gi_in[0], gi_in[1],
-                                ih, iw, (1, 1), flipped, rows_g, lanes_g, bias=False, layout=gi_layout)
+                                ih, iw, (1, 1), flipped, rows_g, lanes_g, bias=False, layout=gi_layout,
+                                stored=gi_stored)
     # grad-weight reads the forward's padded input when their layouts agree; otherwise its own copy
     if gw_layout == "chwn":
         gw_lanes, gw_w = target.simd_lanes, geom.out_w
@@ -279,7 +284,7 @@ class LayerIndex:
     gw_pattern_ptr: torch.Tensor     # (P + 1,) blocks per pattern
     fwd_widx: torch.Tensor           # (K, k) int32 flat weight positions in forward run order
     bwd_widx: torch.Tensor           # the same in grad-input (transposed) run order
-    fwd_weight_index: torch.Tensor   # fwd_widx as int64, for torch indexing
+    pruned: torch.Tensor             # bool (O, C, 3, 3): the pruned weights (zeroed where torch's conv runs)
     zero_bias: dict = field(default_factory=dict)
     _handles: dict = field(default_factory=dict)
 
@@ -293,7 +298,8 @@ class LayerIndex:
             return t.to(device=device, dtype=torch.int32).contiguous()
         return cls(fwd, bwd, i32(fwd.pattern_ptr()), i32(fwd.kernel_channel), i32(fwd.perm),
                    i32(bwd.pattern_ptr()), i32(bwd.kernel_channel), i32(bwd.perm), *map(i32, blocks),
-                   i32(fwd.weight_index), i32(bwd.weight_index), fwd.weight_index.to(device))
+                   i32(fwd.weight_index), i32(bwd.weight_index),
+                   ~kernel_masks(library, pattern_ids).to(device))
 
     def handle(self, name: str):
         """TVM's DLPack view of index array ``name``, made once: the arrays never change, and

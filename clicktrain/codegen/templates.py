@@ -55,10 +55,17 @@ class DirectConvSpec:
     lanes: int
     bias: bool
     layout: str = "nchw"  # or "chwn": (channels, H, W, batch), vectorised along the batch
+    stored: tuple[int, int] | None = None  # nchw: the output buffer's extent, where the tile overhangs it
 
     @property
     def k(self) -> int:
         return len(self.offsets[0])
+
+    @property
+    def out_extent(self) -> tuple[int, int]:
+        """(H, W) of the output buffer: the true output where the kernel stores only that
+        (no crop copy afterwards), else the padded tile grid."""
+        return self.stored or (self.out_h, self.out_w)
 
     @property
     def weight_size(self) -> int:
@@ -119,7 +126,7 @@ def _direct_buffers(s: DirectConvSpec) -> list[str]:
         f'    src = T.match_buffer(src_h, (kk,), "int32")',
         f'    perm = T.match_buffer(perm_h, ({s.dst_channels},), "int32")',
         f'    bias = T.match_buffer(bias_h, ({s.dst_channels},), "float32")',
-        f'    out = T.match_buffer(out_h, {_activation(s.dst_channels, s.out_h, s.out_w, s.layout)}, "float32")',
+        f'    out = T.match_buffer(out_h, {_activation(s.dst_channels, *s.out_extent, s.layout)}, "float32")',
     ]
 
 
@@ -168,8 +175,29 @@ def direct_conv_llvm(s: DirectConvSpec) -> str:
     for p in range(len(s.offsets)):
         lines.append(f"            for j in range(ptr[{f}, {p}], ptr[{f}, {p + 1}]):")
         lines += tile_loops(16, _fma_chain(acc, s, p, batch, y, x))
-    lines += tile_loops(12, f"{store} = {acc}")
+    if s.layout == "chwn" or s.out_extent == (s.out_h, s.out_w):
+        lines += tile_loops(12, f"{store} = {acc}")
+    else:
+        lines += _clipped_store(s, store, acc)
     return "\n".join(lines) + "\n"
+
+
+def _clipped_store(s: DirectConvSpec, store: str, acc: str) -> list[str]:
+    """Store an nchw tile into the true-size output: rows past its height are skipped, and
+    only a tile that overhangs its width stores lane by lane (the others store whole vectors)."""
+    R, V = s.rows, s.lanes
+    (height, width), pad = s.out_extent, " " * 16
+    lines = [f"            for r in T.unroll({R}):"]
+    if height != s.out_h:
+        lines.append(f"{pad}if yt * {R} + r < {height}:")
+        pad += "    "
+    if width == s.out_w:
+        return lines + [f"{pad}for v in T.vectorized({V}):", f"{pad}    {store} = {acc}"]
+    return lines + [f"{pad}if xt * {V} + {V} <= {width}:",
+                    f"{pad}    for v in T.vectorized({V}):", f"{pad}        {store} = {acc}",
+                    f"{pad}else:",
+                    f"{pad}    for v in range({V}):",
+                    f"{pad}        if xt * {V} + v < {width}:", f"{pad}            {store} = {acc}"]
 
 
 CUDA_THREADS = 128      # threads per direct-conv block

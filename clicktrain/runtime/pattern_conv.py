@@ -80,17 +80,10 @@ class LayerRunner:
         self.geometry = kernels.plan.geometry
         self.use = use or {kind: True for kind in KINDS}
 
-    def _dense_from_kept(self, kept: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """A tensor shaped like the dense weight: ``kept`` (values in ``fwd_weight_index``
-        order) at the kept positions, exact zeros elsewhere."""
-        dense = torch.zeros(like.numel(), device=like.device, dtype=like.dtype)
-        dense[self.index.fwd_weight_index.reshape(-1)] = kept.reshape(-1).to(like.dtype)
-        return dense.view_as(like)
-
     def masked(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight as torch's dense conv must see it: pruned entries exactly zero."""
-        w = weight.detach()
-        return self._dense_from_kept(w.reshape(-1)[self.index.fwd_weight_index], w)
+        """The weight as torch's dense conv must see it: pruned entries exactly zero (a fill,
+        not a multiply: a non-finite pruned entry must not leak in)."""
+        return weight.detach().masked_fill(self.index.pruned, 0)
 
     # -- generated kernels -----------------------------------------------------------------
     @staticmethod
@@ -116,7 +109,7 @@ class LayerRunner:
             out = torch.empty(channels, spec.out_h, spec.out_w, xpad.shape[-1], device=xpad.device)
             _call(func, xpad, weight, widx, ptr, src, perm, bias, out)
             return _from_chwn(out, batch, h, w)
-        out = torch.empty(batch, channels, spec.out_h, spec.out_w, device=xpad.device)
+        out = torch.empty(batch, channels, *spec.out_extent, device=xpad.device)
         _call(func, xpad, weight, widx, ptr, src, perm, bias, out)
         return out if out.shape[2:] == (h, w) else out[:, :, :h, :w].contiguous()
 
@@ -161,7 +154,7 @@ class LayerRunner:
             full = torch.ops.aten.convolution_backward(
                 dout, x, weight.detach(), None, list(g.stride), list(g.padding), list(g.dilation), False, [0, 0], 1,
                 [False, True, False])[1]
-            return self._dense_from_kept(full.reshape(-1)[idx.fwd_weight_index], weight)  # kept ones, as the kernel
+            return full.masked_fill_(idx.pruned, 0)  # the kept weights' gradients and exact zeros, as the kernel's
         if xpad is None or not plan.grad_weight_reads_forward_input:
             xpad = self.pad_input(x, plan.grad_weight)
         dpad = self._padded(plan.grad_weight, dout, 0, 0, (plan.grad_weight.out_h, plan.grad_weight.out_w))
