@@ -7,9 +7,10 @@ and every library pattern ``p``, walk the run of kept kernels ``j`` in
 ``[ptr[f, p], ptr[f, p + 1])``, reading source channel ``src[j]`` at the pattern's
 *constant* offsets. The python loop over patterns unrolls at generation time, so there is
 no per-weight branching and no offset table in the inner loop; dropped kernels are simply
-absent from the runs. Weights are read from the dense weight tensor through ``widx[j, t]``
-(the flat position of kept weight ``t`` of kernel ``j``): one indirect scalar load per kept
-weight per output tile, instead of a gather into a compact copy on every call. The output
+absent from the runs. Weights are read from the dense weight tensor, not from a compact copy
+gathered on every call: on CPU at a computed address (the row's filter, ``src[j]`` and the
+pattern's constant position of weight ``t``), on CUDA through ``widx[j, t]`` (the flat
+position of kept weight ``t`` of kernel ``j``). The output
 tile is ``rows x lanes`` accumulators (vectorised along the output width on CPU; on CUDA a
 thread holds one output pixel of ``CUDA_IMAGES`` images).
 
@@ -56,6 +57,11 @@ class DirectConvSpec:
     bias: bool
     layout: str = "nchw"  # or "chwn": (channels, H, W, batch), vectorised along the batch
     stored: tuple[int, int] | None = None  # nchw: the output buffer's extent, where the tile overhangs it
+    # weight t of kept kernel j (pattern p) of row f is at perm[f] * strides[0] + src[j] * strides[1]
+    # + positions[p][t] in the dense weight: a computed address instead of a widx load (CPU; empty
+    # on CUDA, whose threads load each kernel's weights once through widx for several images)
+    positions: tuple[tuple[int, ...], ...] = ()
+    strides: tuple[int, int] = (0, 0)
 
     @property
     def k(self) -> int:
@@ -130,15 +136,25 @@ def _direct_buffers(s: DirectConvSpec) -> list[str]:
     ]
 
 
-def _fma_chain(acc: str, s, p: int, b: str, y: str, x: str, weight: str = "w[widx[j, {t}]]") -> str:
+def _weight(s: DirectConvSpec, p: int, t: int) -> str:
+    """Weight ``t`` of kept kernel ``j`` (pattern ``p``) of the task's row: at a computed
+    address where the spec has the patterns' positions, else through ``widx``."""
+    if s.positions:
+        return f"w[perm[bf % {s.dst_channels}] * {s.strides[0]} + src[j] * {s.strides[1]} + {s.positions[p][t]}]"
+    return f"w[widx[j, {t}]]"
+
+
+def _fma_chain(acc: str, s, p: int, b: str, y: str, x: str, weight: str | None = None) -> str:
     """``acc += sum_t w[j, t] * input at pattern p's offset t`` (``b``: the batch index, or in
-    the chwn layout the batch-lane index; ``weight``: how weight ``t`` is read)."""
+    the chwn layout the batch-lane index; ``weight``: how weight ``t`` is read, default
+    ``_weight``)."""
     sh, sw = s.stride
 
     def at(dy, dx):
         pos = f"({y}) * {sh} + {dy}, ({x}) * {sw} + {dx}"
         return f"inp[src[j], {pos}, {b}]" if s.layout == "chwn" else f"inp[{b}, src[j], {pos}]"
-    terms = [f"{weight.format(t=t)} * {at(dy, dx)}" for t, (dy, dx) in enumerate(s.offsets[p])]
+    terms = [f"{weight.format(t=t) if weight else _weight(s, p, t)} * {at(dy, dx)}"
+             for t, (dy, dx) in enumerate(s.offsets[p])]
     return f"{acc} = {acc} + " + " + ".join(terms)
 
 
