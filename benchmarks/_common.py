@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 
-# torch's OpenMP workers spin after each parallel region and would steal the cores from
-# TVM's thread pool between kernels; passive waiting must be set before torch loads. A set
-# GOMP_SPINCOUNT wins (train_step.py sets the training setting, GOMP_SPINCOUNT=2000).
+# Per-kernel timings alternate torch and TVM calls, and each runtime's workers spin after a
+# parallel region, stealing the cores from the other's next call: torch's OpenMP workers
+# (passive waiting must be set before torch loads), and TVM's pool (measured: with its default
+# spin, dense convs timed right after a generated kernel took up to 2x as long, and ResNet-20
+# layers read 1.0x in one run and 2.3x in the next). A set GOMP_SPINCOUNT wins: train_step.py
+# keeps the training setting (GOMP_SPINCOUNT=2000, TVM's default spin), whose cost is real there.
 if "GOMP_SPINCOUNT" not in os.environ:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -42,7 +46,8 @@ def header(threads: int, target: str = "llvm") -> str:
     from clicktrain.machine import cpu_description
     line = (f"CPU: {cpu_description()} | threads: torch {torch.get_num_threads()}, TVM {threads} | "
             f"torch {torch.__version__}, TVM {tvm.__version__} | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
-            f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
+            f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')} "
+            f"TVM_THREAD_POOL_SPIN_COUNT={os.environ.get('TVM_THREAD_POOL_SPIN_COUNT')}")
     if target == "cuda" and torch.cuda.is_available():
         line += f" | GPU: {torch.cuda.get_device_name()} (torch dense = cuDNN)"
     return line
