@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 
-# Per-kernel timings alternate torch and TVM calls, and each runtime's workers spin after a
-# parallel region, stealing the cores from the other's next call: torch's OpenMP workers
-# (passive waiting must be set before torch loads), and TVM's pool (measured: with its default
-# spin, dense convs timed right after a generated kernel took up to 2x as long, and ResNet-20
-# layers read 1.0x in one run and 2.3x in the next). A set GOMP_SPINCOUNT wins: train_step.py
-# keeps the training setting (GOMP_SPINCOUNT=2000, TVM's default spin), whose cost is real there.
+# The benchmarks alternate torch and TVM calls in one process, and each runtime's workers
+# spin after a parallel region, stealing the cores from the other's next call. TVM's pool
+# (measured: with its default spin, dense convs timed right after a generated kernel took up
+# to 2x as long, and ResNet-20 layers read 1.0x in one run and 2.3x in the next; a dense
+# training step stepped right after an llvm one lost about 5 %): its spin is off in every
+# benchmark, where dense runs alone in real training. torch's OpenMP workers: passive waiting
+# (set before torch loads) for the per-kernel benchmarks; a set GOMP_SPINCOUNT wins, so
+# train_step.py keeps the training setting (GOMP_SPINCOUNT=2000).
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 if "GOMP_SPINCOUNT" not in os.environ:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 import statistics  # noqa: E402
 import time  # noqa: E402

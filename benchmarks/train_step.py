@@ -7,7 +7,9 @@ All three models -- dense (the plain ``nn.Module``), torch-masked (hardened on
 take their steps in turn, round after round, so a slow minute of this shared machine slows
 all three alike; each figure is the median over the rounds. The process runs under the
 OpenMP setting ``clicktrain train --target llvm`` uses (``GOMP_SPINCOUNT=2000``, measured as
-fast as OpenMP's default for dense torch: ``benchmarks/openmp_wait.py``) unless you set one.
+fast as OpenMP's default for dense torch: ``benchmarks/openmp_wait.py``) unless you set one,
+with TVM's pool not spinning (``benchmarks/_common.py``: its spin would slow the dense step
+taken right after an llvm one, which in real training runs alone).
 The llvm model picks, per layer and kernel kind, the faster of its generated kernel and
 torch's dense conv (measured during warm-up, glue included); the choice is printed.
 
