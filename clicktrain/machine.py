@@ -37,7 +37,10 @@ def set_threads(n: int | None = None) -> int:
 def fastest_alternating(fns: dict, rounds: int = 9) -> dict:
     """Fastest seconds of each function, the functions taking turns round after round, after
     one warm-up call each. On a shared machine a slow minute then hits every contender, and
-    the minimum is what the code costs when nothing interferes (noise only ever adds time)."""
+    the minimum is what the code costs when nothing interferes (noise only ever adds time).
+    Every other round runs in reverse order, so that each function also runs right after
+    itself: a runtime's workers keep spinning after its call (TVM's pool does, by default)
+    and slow whatever runs next, which would otherwise always be the other contender."""
     import torch
 
     def sync():
@@ -46,8 +49,9 @@ def fastest_alternating(fns: dict, rounds: int = 9) -> dict:
     for fn in fns.values():
         fn()  # warm-up: compile, tune, caches
     best = dict.fromkeys(fns, float("inf"))
-    for _ in range(rounds):
-        for key, fn in fns.items():
+    items = list(fns.items())
+    for round_ in range(rounds):
+        for key, fn in (items if round_ % 2 == 0 else items[::-1]):
             sync()
             started = time.perf_counter()
             fn()

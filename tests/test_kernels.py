@@ -382,3 +382,13 @@ def test_direct_conv_stores_the_true_output_size():
     assert f"if xt * {fwd.lanes} + {fwd.lanes} <= 30:" in source and f"if xt * {fwd.lanes} + v < 30:" in source
     if fwd.out_h > 30:
         assert f"if yt * {fwd.rows} + r < 30:" in source
+
+
+def test_timing_alternates_in_snake_order():
+    """Each contender also runs right after itself (every other round reversed): what a
+    runtime leaves spinning after its call must not always land on the other contender."""
+    from clicktrain.machine import fastest_alternating
+    calls = []
+    best = fastest_alternating({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then a b | b a | a b
+    assert set(best) == {"a", "b"} and all(t >= 0 for t in best.values())

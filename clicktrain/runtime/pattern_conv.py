@@ -67,7 +67,7 @@ KINDS = ("forward", "grad_input", "grad_weight")
 FWD_INDEX = ("fwd_widx", "fwd_ptr", "fwd_src", "fwd_perm")
 BWD_INDEX = ("bwd_widx", "bwd_ptr", "bwd_src", "bwd_perm")
 GRAD_WEIGHT_INDEX = ("gw_filter", "gw_channel", "gw_weight_index", "gw_pattern_ptr")
-TUNING_METHOD = "glue-min"  # part of the tuning key: choices made by an older LayerRunner.tune are not reused
+TUNING_METHOD = "glue-min-snake"  # part of the tuning key: choices made by an older LayerRunner.tune are not reused
 
 
 class LayerRunner:
