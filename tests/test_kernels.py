@@ -392,3 +392,17 @@ def test_timing_alternates_in_snake_order():
     best = fastest_alternating({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then a b | b a | a b
     assert set(best) == {"a", "b"} and all(t >= 0 for t in best.values())
+
+
+def test_strided_forward_reads_column_phases():
+    """A stride-2 nchw forward reads its input split into two column phases: offset dx comes
+    from phase dx % 2 at column x + dx // 2, a contiguous vector (grad-weight pads its own)."""
+    from clicktrain.codegen.kernels import ConvGeometry, kernel_sources, plan_kernels
+    from clicktrain.codegen.target import resolve_target
+    target = resolve_target("llvm")
+    plan = plan_kernels(ConvGeometry(8, 16, 28, 28, (2, 2), (1, 1), (1, 1)), ct.patterns.fixed_library(4, 4), target)
+    fwd = plan.forward
+    assert fwd.layout == "nchw" and fwd.phases == 2 and not plan.grad_weight_reads_forward_input
+    source = kernel_sources(plan, target)[fwd.name]
+    assert f"inp = T.match_buffer(inp_h, (2, n, 8, {fwd.in_h}, {-(-fwd.in_w // 2)})" in source
+    assert "inp[1, bf // 16, src[j], (yt" in source and f"xt * {fwd.lanes} + v + 1]" in source

@@ -84,7 +84,7 @@ class KernelPlan:
     def grad_weight_reads_forward_input(self) -> bool:
         """Grad-weight can read the forward's padded input: same layout, same extent."""
         gw, fwd = self.grad_weight, self.forward
-        return (gw.layout, gw.in_h, gw.in_w) == (fwd.layout, fwd.in_h, fwd.in_w)
+        return fwd.phases == 1 and (gw.layout, gw.in_h, gw.in_w) == (fwd.layout, fwd.in_h, fwd.in_w)
 
 
 DIRECT_ACCUMULATORS = 8  # vector registers an nchw direct-conv tile holds (measured best: choose_rows)
@@ -196,7 +196,9 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     C9 = geom.in_channels * 9
     forward = DirectConvSpec(f"ct_fwd_{fwd_layout}_{tag}", geom.in_channels, geom.out_channels, fwd_in[0], fwd_in[1],
                              oh, ow, geom.stride, fwd_offsets, rows_f, lanes_f, bias=True, layout=fwd_layout,
-                             stored=fwd_stored, positions=positions, strides=(C9, 9))
+                             stored=fwd_stored, positions=positions, strides=(C9, 9),
+                             # strided rows read column phases: measured 1.4-2.3x faster forward
+                             phases=sw if fwd_layout == "nchw" and not cuda else 1)
     grad_input = DirectConvSpec(f"ct_dgrad_{gi_layout}_{tag}", geom.out_channels, geom.in_channels, gi_in[0], gi_in[1],
                                 ih, iw, (1, 1), flipped, rows_g, lanes_g, bias=False, layout=gi_layout,
                                 stored=gi_stored, positions=positions, strides=(9, C9))

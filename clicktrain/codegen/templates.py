@@ -62,6 +62,16 @@ class DirectConvSpec:
     # on CUDA, whose threads load each kernel's weights once through widx for several images)
     positions: tuple[tuple[int, ...], ...] = ()
     strides: tuple[int, int] = (0, 0)
+    # nchw, column stride s > 1: the padded input split into its s column phases, so that an
+    # output row's vector reads contiguous input (phase dx % s, from column x + dx // s)
+    phases: int = 1
+
+    @property
+    def input_shape(self) -> str:
+        """The input buffer's shape (``n``: the batch)."""
+        if self.phases > 1:
+            return f"({self.phases}, n, {self.src_channels}, {self.in_h}, {-(-self.in_w // self.phases)})"
+        return _activation(self.src_channels, self.in_h, self.in_w, self.layout)
 
     @property
     def k(self) -> int:
@@ -125,7 +135,7 @@ def _activation(channels: int, h: int, w: int, layout: str) -> str:
 def _direct_buffers(s: DirectConvSpec) -> list[str]:
     P = len(s.offsets)
     return [
-        f'    inp = T.match_buffer(inp_h, {_activation(s.src_channels, s.in_h, s.in_w, s.layout)}, "float32")',
+        f'    inp = T.match_buffer(inp_h, {s.input_shape}, "float32")',
         f'    w = T.match_buffer(w_h, ({s.weight_size},), "float32")',
         f'    widx = T.match_buffer(widx_h, (kk, {s.k}), "int32")',
         f'    ptr = T.match_buffer(ptr_h, ({s.dst_channels}, {P + 1}), "int32")',
@@ -151,6 +161,8 @@ def _fma_chain(acc: str, s, p: int, b: str, y: str, x: str, weight: str | None =
     sh, sw = s.stride
 
     def at(dy, dx):
+        if getattr(s, "phases", 1) > 1:
+            return f"inp[{dx % sw}, {b}, src[j], ({y}) * {sh} + {dy}, {x} + {dx // sw}]"
         pos = f"({y}) * {sh} + {dy}, ({x}) * {sw} + {dx}"
         return f"inp[src[j], {pos}, {b}]" if s.layout == "chwn" else f"inp[{b}, src[j], {pos}]"
     terms = [f"{weight.format(t=t) if weight else _weight(s, p, t)} * {at(dy, dx)}"

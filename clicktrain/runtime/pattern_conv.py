@@ -58,6 +58,17 @@ def _to_chwn(x: torch.Tensor, top: int, left: int, rows: int, cols: int, lanes: 
     return buf
 
 
+def _column_phases(xpad: torch.Tensor, phases: int) -> torch.Tensor:
+    """``(phases, N, C, H, ceil(W / phases))``: phase ``p`` holds columns ``p, p + phases, ...``
+    (zero past the end), so a strided conv's row reads contiguous memory."""
+    width = -(-xpad.shape[-1] // phases)
+    buf = xpad.new_zeros(phases, *xpad.shape[:-1], width)
+    for p in range(phases):
+        cols = xpad[..., p::phases]
+        buf[p, ..., :cols.shape[-1]] = cols
+    return buf
+
+
 def _from_chwn(buf: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
     return buf[:, :h, :w, :n].permute(3, 0, 1, 2).contiguous()
 
@@ -91,6 +102,8 @@ class LayerRunner:
         """A kernel's input buffer: ``x`` padded to ``extent``, in the kernel's layout."""
         if spec.layout == "chwn":
             return _to_chwn(x, top, left, *extent, spec.lanes)
+        if getattr(spec, "phases", 1) > 1:
+            return _column_phases(_pad_to(x.float(), top, left, *extent), spec.phases)
         return _pad_to(x.float(), top, left, *extent)
 
     def pad_input(self, x, spec=None):
