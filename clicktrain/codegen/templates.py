@@ -161,7 +161,7 @@ def _fma_chain(acc: str, s, p: int, b: str, y: str, x: str, weight: str | None =
     sh, sw = s.stride
 
     def at(dy, dx):
-        if getattr(s, "phases", 1) > 1:
+        if s.phases > 1:
             return f"inp[{dx % sw}, {b}, src[j], ({y}) * {sh} + {dy}, {x} + {dx // sw}]"
         pos = f"({y}) * {sh} + {dy}, ({x}) * {sw} + {dx}"
         return f"inp[src[j], {pos}, {b}]" if s.layout == "chwn" else f"inp[{b}, src[j], {pos}]"
