@@ -32,6 +32,16 @@ def hardened_conv(out_c, in_c, stride, padding, dilation, connectivity, seed=0, 
     return conv, (weight * mask.mask()), mask
 
 
+def planned(in_c, out_c, hw, stride, target_name):
+    """The kernel plan and generated sources of a 3x3 conv (padding 1) over a fixed library."""
+    from clicktrain.codegen.kernels import ConvGeometry, kernel_sources, plan_kernels
+    from clicktrain.codegen.target import resolve_target
+    target = resolve_target(target_name)
+    plan = plan_kernels(ConvGeometry(in_c, out_c, hw, hw, (stride, stride), (1, 1), (1, 1)),
+                        ct.patterns.fixed_library(4, 4), target)
+    return plan, kernel_sources(plan, target)
+
+
 def rel_err(a, b):
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
@@ -355,13 +365,10 @@ def test_cuda_kernels_generate_and_compile_without_a_gpu(tmp_path):
 def test_cuda_grad_weight_reduces_across_threads():
     """Grad-weight on CUDA shares each kept kernel's reduction among a block's threads (one
     warp for tiny maps, up to 256), then sums the partials in a synced shared-memory tree."""
-    from clicktrain.codegen.kernels import ConvGeometry, kernel_sources, plan_kernels
-    from clicktrain.codegen.target import resolve_target
     from clicktrain.codegen.templates import cuda_reduce_threads
     assert [cuda_reduce_threads(p) for p in (4, 16, 64, 196, 784)] == [32, 32, 32, 128, 256]
-    target = resolve_target("cuda")
-    plan = plan_kernels(ConvGeometry(8, 8, 14, 14, (1, 1), (1, 1), (1, 1)), ct.patterns.fixed_library(4, 4), target)
-    source = kernel_sources(plan, target)[plan.grad_weight.name]
+    plan, sources = planned(8, 8, 14, 1, "cuda")
+    source = sources[plan.grad_weight.name]
     assert 'thread_binding(128, thread="threadIdx.x")' in source
     steps = [line.strip() for line in source.splitlines() if line.strip().startswith("if tx <")]
     assert steps == [f"if tx < {h}:" for h in (64, 32, 16, 8, 4, 2, 1)] + ["if tx < 4 and j < kk:"]
@@ -371,13 +378,10 @@ def test_direct_conv_stores_the_true_output_size():
     """An nchw tile grid that overhangs the output stores straight into the true-size output
     (no crop copy afterwards): rows past the height are skipped, the overhanging column tile
     stores lane by lane, the others whole vectors."""
-    from clicktrain.codegen.kernels import ConvGeometry, kernel_sources, plan_kernels
-    from clicktrain.codegen.target import resolve_target
-    target = resolve_target("llvm")
-    plan = plan_kernels(ConvGeometry(16, 16, 30, 30, (1, 1), (1, 1), (1, 1)), ct.patterns.fixed_library(4, 4), target)
+    plan, sources = planned(16, 16, 30, 1, "llvm")
     fwd = plan.forward
     assert fwd.layout == "nchw" and fwd.out_extent == (30, 30) and fwd.out_w > 30
-    source = kernel_sources(plan, target)[fwd.name]
+    source = sources[fwd.name]
     assert "out = T.match_buffer(out_h, (n, 16, 30, 30)" in source
     assert f"if xt * {fwd.lanes} + {fwd.lanes} <= 30:" in source and f"if xt * {fwd.lanes} + v < 30:" in source
     if fwd.out_h > 30:
@@ -397,12 +401,9 @@ def test_timing_alternates_in_snake_order():
 def test_strided_forward_reads_column_phases():
     """A stride-2 nchw forward reads its input split into two column phases: offset dx comes
     from phase dx % 2 at column x + dx // 2, a contiguous vector (grad-weight pads its own)."""
-    from clicktrain.codegen.kernels import ConvGeometry, kernel_sources, plan_kernels
-    from clicktrain.codegen.target import resolve_target
-    target = resolve_target("llvm")
-    plan = plan_kernels(ConvGeometry(8, 16, 28, 28, (2, 2), (1, 1), (1, 1)), ct.patterns.fixed_library(4, 4), target)
+    plan, sources = planned(8, 16, 28, 2, "llvm")
     fwd = plan.forward
     assert fwd.layout == "nchw" and fwd.phases == 2 and not plan.grad_weight_reads_forward_input
-    source = kernel_sources(plan, target)[fwd.name]
+    source = sources[fwd.name]
     assert f"inp = T.match_buffer(inp_h, (2, n, 8, {fwd.in_h}, {-(-fwd.in_w // 2)})" in source
     assert "inp[1, bf // 16, src[j], (yt" in source and f"xt * {fwd.lanes} + v + 1]" in source

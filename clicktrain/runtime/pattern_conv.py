@@ -2,10 +2,10 @@
 
 ``PatternConv2d`` replaces ``torch.conv2d`` for a prunable conv when the target is llvm or
 cuda. It takes the dense weight, so optimizers and state_dict keep the dense parameter
-API: the kernels read the kept weights straight from it through the layout's index arrays
-(``K x k`` flat positions, no compact copy per call), and grad-weight writes the kept
-weights' gradients into a zeroed dense gradient, so pruned entries get exact zeros. Tensors
-cross to TVM through DLPack without copies. The weight arrives unmasked (its PatternMask
+API: the kernels read the kept weights straight from it (no compact copy per call: on CPU at
+addresses computed from the layout's runs, on CUDA through ``K x k`` flat positions), and
+grad-weight writes the kept weights' gradients into a zeroed dense gradient, so pruned
+entries get exact zeros. Tensors cross to TVM through DLPack without copies. The weight arrives unmasked (its PatternMask
 skips the multiply, ``consumers_mask``): the generated kernels read kept weights only, and
 where torch's conv runs a kind instead it gets the weight with the pruned entries zeroed here.
 """
@@ -74,7 +74,8 @@ def _from_chwn(buf: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
 
 
 KINDS = ("forward", "grad_input", "grad_weight")
-# the LayerIndex arrays each kernel reads, in its parameter order (templates.DIRECT_PARAMS, GRAD_WEIGHT_PARAMS)
+# the LayerIndex arrays each kernel takes, in its parameter order (templates.DIRECT_PARAMS, GRAD_WEIGHT_PARAMS);
+# widx is read by the CUDA kernels only (CPU kernels compute each weight's address)
 FWD_INDEX = ("fwd_widx", "fwd_ptr", "fwd_src", "fwd_perm")
 BWD_INDEX = ("bwd_widx", "bwd_ptr", "bwd_src", "bwd_perm")
 GRAD_WEIGHT_INDEX = ("gw_filter", "gw_channel", "gw_weight_index", "gw_pattern_ptr")
@@ -122,9 +123,10 @@ class LayerRunner:
             out = torch.empty(channels, spec.out_h, spec.out_w, xpad.shape[-1], device=xpad.device)
             _call(func, xpad, weight, widx, ptr, src, perm, bias, out)
             return _from_chwn(out, batch, h, w)
-        out = torch.empty(batch, channels, *spec.out_extent, device=xpad.device)
+        assert spec.out_extent == (h, w), "an nchw kernel stores the true-size output (plan_kernels)"
+        out = torch.empty(batch, channels, h, w, device=xpad.device)
         _call(func, xpad, weight, widx, ptr, src, perm, bias, out)
-        return out if out.shape[2:] == (h, w) else out[:, :, :h, :w].contiguous()
+        return out
 
     def forward_generated(self, xpad, weight, bias, batch: int):
         g, plan, idx = self.geometry, self.kernels.plan, self.index
@@ -178,7 +180,7 @@ class LayerRunner:
     # -- measured choice -------------------------------------------------------------------
     def tune(self, x_shape, weight, bias, repeats: int = 5) -> dict:
         """Time each kind both ways on random data of the real batch size, glue included
-        (padding, layout changes, weight gather and scatter), and keep the faster. The two
+        (padding, layout changes, zeroing the pruned weights for torch), and keep the faster. The two
         ways run alternately and compare by their fastest run: on a shared machine a burst
         of load elsewhere then cannot decide the choice."""
         from ..machine import fastest_alternating
