@@ -45,10 +45,11 @@ def kind_times(runner, inp, weight, dout, xpad, repeats):
     return tuple(b["dense"] for b in best), tuple(b["ours"] for b in best)
 
 
-def layer_rows(model_name, size, batch, connectivity, repeats, target="llvm", compile_only=False):
+def layer_rows(model_name, size, batch, connectivity, repeats, target="llvm", compile_only=False, width=1.0,
+               in_channels=3):
     torch.manual_seed(0)
-    model = build_model(model_name, in_channels=3, num_classes=10)
-    x = torch.randn(2, 3, size, size)
+    model = build_model(model_name, in_channels=in_channels, num_classes=10, width=width)
+    x = torch.randn(2, in_channels, size, size)
     m = ct.compile_for_training(model, x, target=target, config=ct.PruneConfig(connectivity=connectivity))
     ct.select_patterns(m)
     ct.harden(m)
@@ -65,7 +66,8 @@ def layer_rows(model_name, size, batch, connectivity, repeats, target="llvm", co
         c, h, w_ = site.input_shape[1:]
         weight = m.get_parameter(site.weight_target).detach()
         inp = torch.randn(batch, c, h, w_, device=device)
-        runner = LayerRunner(module.kernels_for((h, w_), weight.shape), module.index_for(inp.device))
+        kernels = module.kernels_for((h, w_), weight.shape)
+        runner = LayerRunner(kernels, module.index_for(inp.device, kernels))
         g = runner.geometry
         out, xpad = runner.forward(inp, weight, None)
         dout = torch.randn_like(out)
@@ -83,26 +85,33 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=7, help="rounds; each time is the fastest, dense and ours in turn")
     parser.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
+    parser.add_argument("--width", type=float, default=1.0, help="channel width multiplier (the main job: 0.25)")
+    parser.add_argument("--in-channels", type=int, default=3)
+    parser.add_argument("--connectivity", type=float, nargs="+", default=[0.0, 0.5],
+                        help="fractions of kernels dropped, one table each")
     parser.add_argument("--compile-only", action="store_true", help="generate and compile the kernels, time nothing")
     args = parser.parse_args()
     threads = set_threads(args.threads)
     if args.compile_only:
         for model_name in args.models:
             for size in args.sizes:
-                for connectivity in (0.0, 0.5):
-                    layer_rows(model_name, size, args.batch, connectivity, 0, args.target, compile_only=True)
+                for connectivity in args.connectivity:
+                    layer_rows(model_name, size, args.batch, connectivity, 0, args.target, compile_only=True,
+                               width=args.width, in_channels=args.in_channels)
         return
     print(header(threads, args.target))
-    print(f"batch {args.batch}; ratio = torch dense time / generated time (>1: generated is faster)")
-    for connectivity in (0.0, 0.5):
+    print(f"batch {args.batch}, width {args.width}, {args.in_channels} input channels; ratio = torch dense time / generated time (>1: generated is faster)")
+    for connectivity in args.connectivity:
         density = 4 / 9 * (1 - connectivity)
-        print(f"\n== density {density:.3f} (4 of 9 weights{', 50% of kernels dropped' if connectivity else ''}) ==")
+        dropped = f", {connectivity:.0%} of kernels dropped" if connectivity else ""
+        print(f"\n== density {density:.3f} (4 of 9 weights{dropped}) ==")
         print(f"{'model':<12} {'conv':<18} {'shape':<20} {'fwd':>6} {'dgrad':>6} {'wgrad':>6} {'total':>6}   dense ms / ours ms")
         totals = []
         for model_name in args.models:
             for size in args.sizes:
                 for model, conv, shape, dense, ours in layer_rows(model_name, size, args.batch, connectivity,
-                                                                  args.repeats, args.target):
+                                                                  args.repeats, args.target, width=args.width,
+                                                                  in_channels=args.in_channels):
                     ratios = [d / o for d, o in zip(dense, ours)]
                     total = sum(dense) / sum(ours)
                     totals.append(total)

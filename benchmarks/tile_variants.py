@@ -52,7 +52,7 @@ def runner_with(vary: str, value: str, weight, library, ids, hw, target):
         kernels = LayerKernels.build(ConvGeometry.of(weight.shape, hw, 1, 1, 1), library, target)
     finally:
         K.grad_weight_group, K.choose_rows, K.choose_layouts = saved
-    return LayerRunner(kernels, LayerIndex.build(library, ids, weight.device, kernels.plan.grad_weight.group))
+    return LayerRunner(kernels, LayerIndex.build(library, ids, weight.device, kernels.plan))
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import clicktrain as ct
 from clicktrain.codegen import cache as kernel_cache
+from clicktrain.codegen.target import resolve_target
 from clicktrain.passes.conv_sites import ConvSite
 from clicktrain.passes.insert_masks import prunable_layers
 from clicktrain.runtime.masks import PatternMask, Phase
@@ -35,7 +36,6 @@ def hardened_conv(out_c, in_c, stride, padding, dilation, connectivity, seed=0, 
 def planned(in_c, out_c, hw, stride, target_name):
     """The kernel plan and generated sources of a 3x3 conv (padding 1) over a fixed library."""
     from clicktrain.codegen.kernels import ConvGeometry, kernel_sources, plan_kernels
-    from clicktrain.codegen.target import resolve_target
     target = resolve_target(target_name)
     plan = plan_kernels(ConvGeometry(in_c, out_c, hw, hw, (stride, stride), (1, 1), (1, 1)),
                         ct.patterns.fixed_library(4, 4), target)
@@ -64,6 +64,10 @@ GRID = [
 
 @pytest.mark.parametrize("case", GRID, ids=[f"n{c[0]}c{c[1]}o{c[2]}_{c[3]}x{c[4]}_s{c[5]}p{c[6]}d{c[7]}_c{c[8]}" for c in GRID])
 def test_forward_and_gradients_match_masked_dense_conv(case):
+    check_against_masked_dense_conv(case)
+
+
+def check_against_masked_dense_conv(case):
     n, c, o, h, w, stride, padding, dilation, connectivity, with_bias = case
     conv, masked_w, mask = hardened_conv(o, c, stride, padding, dilation, connectivity)
     x = torch.randn(n, c, h, w, requires_grad=True)
@@ -86,6 +90,35 @@ def test_forward_and_gradients_match_masked_dense_conv(case):
     assert float(weight.grad[~kept].abs().sum()) == 0.0  # only kept weights get gradients
     if with_bias:
         assert rel_err(bias.grad, b_ref.grad) < 1e-4
+
+
+def test_chwn_kernels_in_channel_blocks_match_masked_dense_conv(monkeypatch):
+    """Channel blocks of 1-2 channels (the budget shrunk to force them), a last block short,
+    filter groups not dividing the rows: forward and grad-input (both chwn) still equal the
+    masked dense conv."""
+    import clicktrain.codegen.kernels as K
+    monkeypatch.setattr(K, "CHWN_BLOCK_BYTES", 2 * 6 * 6 * 16 * 4)
+    plan = K.plan_kernels(K.ConvGeometry(5, 11, 4, 4, (1, 1), (1, 1), (1, 1)), ct.patterns.fixed_library(4, 4),
+                          resolve_target("llvm"))
+    assert plan.forward.layout == plan.grad_input.layout == "chwn"
+    assert plan.forward.channel_blocks > 1 and plan.grad_input.channel_blocks > 1
+    assert plan.forward.dst_channels % plan.forward.filter_block
+    check_against_masked_dense_conv((3, 5, 11, 4, 4, 1, 1, 1, 0.3, True))
+
+
+def test_channel_blocks_order_each_rows_kernels_by_block_then_pattern():
+    """Before: a row's kept kernels (channel: pattern) 0:1, 1:0, 2:1, 3:0, 4:-1 (dropped).
+    Expected with blocks of two channels: block 0 = [1 (p0), 0 (p1)], block 1 = [3 (p0), 2 (p1)],
+    block 2 empty; ptr holds each (block, pattern) run and each block's end."""
+    from clicktrain.passes.reorder import FilterKernelLayout
+    library = torch.zeros(2, 9, dtype=torch.bool)
+    library[0, [0, 1, 3, 4]] = True
+    library[1, [4, 5, 7, 8]] = True
+    ids = torch.tensor([[1, 0, 1, 0, -1]], dtype=torch.int16)
+    layout = FilterKernelLayout.build(library, ids, channel_block=2)
+    assert layout.kernel_channel.tolist() == [1, 0, 3, 2]
+    assert layout.pattern_ptr().tolist() == [[0, 1, 2, 2, 3, 4, 4, 4, 4]]
+    assert FilterKernelLayout.build(library, ids).pattern_ptr().tolist() == [[0, 2, 4]]
 
 
 def test_grad_weight_blocks_group_kernels_by_channel_and_pattern():
@@ -145,7 +178,8 @@ def test_every_mix_of_generated_and_torch_kernels_agrees(use):
     from clicktrain.runtime.pattern_conv import LayerRunner
     conv, masked_w, mask = hardened_conv(12, 10, 2, 1, 1, 0.3)
     x = torch.randn(3, 10, 11, 9)
-    runner = LayerRunner(conv.kernels_for((11, 9), masked_w.shape), conv.index_for(x.device), {k: bool(v) for k, v in use.items()})
+    kernels = conv.kernels_for((11, 9), masked_w.shape)
+    runner = LayerRunner(kernels, conv.index_for(x.device, kernels), {k: bool(v) for k, v in use.items()})
     # the runner gets the weight unmasked (PatternMask skips the multiply before kernels):
     # whatever the pruned entries hold, every path must compute with them as zeros
     poisoned = masked_w.masked_fill(~mask.mask(), 1e3)

@@ -128,6 +128,19 @@ def choose_chwn_rows(height: int, width: int) -> int:
     return best
 
 
+CHWN_BLOCK_BYTES = 96 * 1024  # a chwn task's block of source channels (one batch block's input), kept in L2
+CHWN_TASKS_PER_BATCH_BLOCK = 8  # output-row groups per batch block: tasks for the cores, each a run of rows
+
+
+def chwn_blocks(src_channels: int, dst_channels: int, in_h: int, in_w: int, lanes: int) -> tuple[int, int]:
+    """(source channels per block, output rows per task) of a chwn direct conv. Measured on a
+    512-channel 4x4 layer (docs/performance.md): unblocked, each output row re-read its
+    images' whole input (~1 MB, from memory), and the kernel ran at a third of dense."""
+    per_channel = in_h * in_w * lanes * 4
+    block = max(1, CHWN_BLOCK_BYTES // per_channel)
+    return (0 if block >= src_channels else block), -(-dst_channels // CHWN_TASKS_PER_BATCH_BLOCK)
+
+
 def _tile(layout: str, height: int, width: int, target: KernelTarget, cuda: bool) -> tuple[int, int, int, int]:
     """(rows, lanes, padded height, padded width) of a direct-conv output tile."""
     if layout == "chwn":  # lanes along the batch; the tile is whole output rows
@@ -194,14 +207,18 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     # widx, docs/performance.md); fwd rows are filters (stride C*9), grad-input rows channels
     positions = () if cuda else tuple(tuple(3 * dy + dx for dy, dx in pattern_offsets(p)) for p in library)
     C9 = geom.in_channels * 9
+    fwd_blocks = chwn_blocks(geom.in_channels, geom.out_channels, *fwd_in, lanes_f) if fwd_layout == "chwn" else (0, 1)
+    gi_blocks = chwn_blocks(geom.out_channels, geom.in_channels, *gi_in, lanes_g) if gi_layout == "chwn" else (0, 1)
     forward = DirectConvSpec(f"ct_fwd_{fwd_layout}_{tag}", geom.in_channels, geom.out_channels, fwd_in[0], fwd_in[1],
                              oh, ow, geom.stride, fwd_offsets, rows_f, lanes_f, bias=True, layout=fwd_layout,
                              stored=fwd_stored, positions=positions, strides=(C9, 9),
                              # strided rows read column phases: measured 1.4-2.3x faster forward
-                             phases=sw if fwd_layout == "nchw" and not cuda else 1)
+                             phases=sw if fwd_layout == "nchw" and not cuda else 1,
+                             channel_block=fwd_blocks[0], filter_block=fwd_blocks[1])
     grad_input = DirectConvSpec(f"ct_dgrad_{gi_layout}_{tag}", geom.out_channels, geom.in_channels, gi_in[0], gi_in[1],
                                 ih, iw, (1, 1), flipped, rows_g, lanes_g, bias=False, layout=gi_layout,
-                                stored=gi_stored, positions=positions, strides=(9, C9))
+                                stored=gi_stored, positions=positions, strides=(9, C9),
+                                channel_block=gi_blocks[0], filter_block=gi_blocks[1])
     # grad-weight reads the forward's padded input when their layouts agree; otherwise its own copy
     if gw_layout == "chwn":
         gw_lanes, gw_w = target.simd_lanes, geom.out_w
@@ -295,10 +312,12 @@ class LayerIndex:
     _handles: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, library: torch.Tensor, pattern_ids: torch.Tensor, device, group: int = 1) -> "LayerIndex":
-        fwd = FilterKernelLayout.build(library, pattern_ids)
-        bwd = FilterKernelLayout.build(library, pattern_ids.t(), transposed=True)
-        blocks = grad_weight_blocks(fwd, library.shape[0], group)
+    def build(cls, library: torch.Tensor, pattern_ids: torch.Tensor, device, plan: KernelPlan) -> "LayerIndex":
+        """The arrays ``plan``'s kernels read (their channel blocks and grad-weight group)."""
+        fwd = FilterKernelLayout.build(library, pattern_ids, channel_block=plan.forward.channel_block)
+        bwd = FilterKernelLayout.build(library, pattern_ids.t(), transposed=True,
+                                       channel_block=plan.grad_input.channel_block)
+        blocks = grad_weight_blocks(fwd, library.shape[0], plan.grad_weight.group)
 
         def i32(t):
             return t.to(device=device, dtype=torch.int32).contiguous()

@@ -4,7 +4,9 @@ Per layer, filters are permuted so that filters with the same *signature* -- the
 of kept kernels of each library pattern -- are adjacent (longest filters first, so
 filters of similar work sit together, as in PatDNN). Inside each filter, kept kernels
 are ordered by (pattern, input channel), so a generated kernel walks runs of one
-pattern whose offsets are compile-time constants. Kept weights are stored compactly,
+pattern whose offsets are compile-time constants. With a ``channel_block`` the order is
+(block of input channels, pattern, channel): a kernel can then finish one block of input
+channels for a group of filters while that block is in cache. Kept weights are stored compactly,
 ``k`` values per kept kernel; dropped kernels take no space.
 
 The layout is data, not a graph change: parameters keep their dense shape and order
@@ -38,12 +40,16 @@ class FilterKernelLayout:
     kernel_pattern: torch.Tensor  # (K,) library pattern id of each kept kernel
     kernel_filter: torch.Tensor   # (K,) original filter (row of pattern_ids) of each kept kernel
     weight_index: torch.Tensor    # (K, k) flat index of each kept weight in weight.reshape(-1)
+    channel_block: int = 0        # input channels per block (0: one block of all)
 
     @classmethod
-    def build(cls, library: torch.Tensor, pattern_ids: torch.Tensor, transposed: bool = False) -> "FilterKernelLayout":
+    def build(cls, library: torch.Tensor, pattern_ids: torch.Tensor, transposed: bool = False,
+              channel_block: int = 0) -> "FilterKernelLayout":
         """Layout over the rows of ``pattern_ids``. With ``transposed`` the rows are the input
         channels of a weight ``(O, C, 3, 3)`` whose ids are ``pattern_ids.T`` (the grad-input
-        view); ``weight_index`` then still indexes that ``(O, C, 3, 3)`` weight."""
+        view); ``weight_index`` then still indexes that ``(O, C, 3, 3)`` weight. With
+        ``channel_block`` each row's kernels are ordered by (channel // channel_block, pattern,
+        channel)."""
         out_c, in_c = pattern_ids.shape
         n_patterns = library.shape[0]
         k = int(library[0].sum())
@@ -60,10 +66,13 @@ class FilterKernelLayout:
             if i == out_c or new_signatures[i] != new_signatures[start]:
                 groups.append((start, i))
                 start = i
-        # kept kernels of each filter ordered by (pattern, channel)
-        sort_key = torch.where(kept, ids * in_c + torch.arange(in_c), torch.full_like(ids, n_patterns * in_c))
+        # kept kernels of each filter ordered by (channel block, pattern, channel)
+        channels = torch.arange(in_c)
+        block = channels // channel_block if channel_block else torch.zeros_like(channels)
+        past = (int(block[-1]) + 1) * n_patterns * in_c if in_c else 0
+        sort_key = torch.where(kept, (block * n_patterns + ids) * in_c + channels, torch.full_like(ids, past))
         key_sorted, chan_sorted = torch.sort(sort_key[perm], dim=1, stable=True)
-        kept_sorted = key_sorted < n_patterns * in_c
+        kept_sorted = key_sorted < past
         kernel_channel = chan_sorted[kept_sorted]
         kernel_filter = perm.unsqueeze(1).expand(-1, in_c)[kept_sorted]
         kernel_pattern = ids[kernel_filter, kernel_channel]
@@ -73,13 +82,25 @@ class FilterKernelLayout:
         kernel_flat = kernel_channel * out_c + kernel_filter if transposed else kernel_filter * in_c + kernel_channel
         weight_index = (kernel_flat * 9).unsqueeze(1) + positions[kernel_pattern]
         return cls(out_c, in_c, k, perm, new_signatures, groups, kernel_ptr, kernel_channel, kernel_pattern,
-                   kernel_filter, weight_index)
+                   kernel_filter, weight_index, channel_block)
+
+    @property
+    def channel_blocks(self) -> int:
+        return -(-self.in_channels // self.channel_block) if self.channel_block else 1
 
     def pattern_ptr(self) -> torch.Tensor:
-        """``(O, P+1)``: kept kernels of new row ``i`` with pattern ``p`` are ``[ptr[i, p], ptr[i, p+1])``."""
-        counts = torch.tensor(self.signatures, dtype=torch.long).reshape(self.out_channels, -1)
-        return torch.cat([torch.zeros(self.out_channels, 1, dtype=torch.long), counts.cumsum(1)], 1) \
-            + self.kernel_ptr[:-1].unsqueeze(1)
+        """``(O, B * (P+1))``: kept kernels of new row ``i`` in channel block ``b`` with pattern
+        ``p`` are ``[ptr[i, b*(P+1) + p], ptr[i, b*(P+1) + p + 1])`` (``B`` = 1 without blocks)."""
+        n_patterns = len(self.signatures[0]) if self.signatures else 0
+        B = self.channel_blocks
+        block = self.kernel_channel // self.channel_block if self.channel_block else torch.zeros_like(self.kernel_channel)
+        row = torch.repeat_interleave(torch.arange(self.out_channels), self.kernel_ptr.diff())
+        counts = torch.zeros(self.out_channels, B, n_patterns, dtype=torch.long)
+        counts.index_put_((row, block, self.kernel_pattern), torch.ones_like(row), accumulate=True)
+        ends = counts.reshape(self.out_channels, -1).cumsum(1).reshape(self.out_channels, B, n_patterns)
+        starts = torch.cat([torch.zeros(self.out_channels, 1, dtype=torch.long), ends.reshape(self.out_channels, -1)[:, :-1]], 1)
+        ptr = torch.cat([starts.reshape(self.out_channels, B, n_patterns), ends[:, :, -1:]], 2)
+        return ptr.reshape(self.out_channels, -1) + self.kernel_ptr[:-1].unsqueeze(1)
 
     @property
     def kept_kernels(self) -> int:

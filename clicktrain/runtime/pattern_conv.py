@@ -270,13 +270,15 @@ class PatternConv2d(nn.Module):
             self._kernels[key] = kernels
         return self._kernels[key]
 
-    def index_for(self, device):
-        from ..codegen.kernels import LayerIndex, grad_weight_group
-        from ..codegen.target import resolve_target
-        key = (self._mask.state_key(), device)
+    def index_for(self, device, kernels):
+        """The index arrays ``kernels`` read, rebuilt when the patterns (or the kernels' channel
+        blocks, which change with the input size) change."""
+        from ..codegen.kernels import LayerIndex
+        plan = kernels.plan
+        key = (self._mask.state_key(), device, plan.forward.channel_block, plan.grad_input.channel_block,
+               plan.grad_weight.group)
         if self._index is None or self._index[0] != key:
-            self._index = (key, LayerIndex.build(self._mask.library.cpu(), self._mask.pattern_ids.cpu(), device,
-                                                 grad_weight_group(resolve_target(self.target))))
+            self._index = (key, LayerIndex.build(self._mask.library.cpu(), self._mask.pattern_ids.cpu(), device, plan))
         return self._index[1]
 
     def forward(self, x, weight, bias=None):
@@ -294,7 +296,8 @@ class PatternConv2d(nn.Module):
             raise TargetError(f"'{self.site_name}': generated kernels are float32, got {x.dtype}")
         if not self.generated:
             return self._torch_conv(x, weight, bias)
-        runner = LayerRunner(self.kernels_for(tuple(x.shape[-2:]), weight.shape), self.index_for(x.device))
+        kernels = self.kernels_for(tuple(x.shape[-2:]), weight.shape)
+        runner = LayerRunner(kernels, self.index_for(x.device, kernels))
         if self.autotune:
             runner.use = self.choice_for(runner, tuple(x.shape), weight, bias)
             if not any(runner.use.values()):
