@@ -107,16 +107,18 @@ def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool) -> tuple[str
     lanes. Measured on AVX-512 (docs/performance.md): forward and grad-input gain from it only
     on rows of <= 4 (an nchw tile then fills a quarter of a vector: 2x2 maps 0.16x -> 0.6x of
     dense); on 7- and 14-wide rows their chwn working set (a 16-image block of every input
-    channel) spills L2 and they lose. Grad-weight (in blocks of two kernels) gains from it
-    only on rows of 5-7 up to half a vector, which nchw would pad (7x7: 1.14-1.25x against
-    0.91-1.12x); on 2-, 4- and 8-wide rows nchw was faster in each of three runs (4x4:
-    1.2-2.2x against 0.6-1.2x), the layout changes of x and dout costing more than chwn saves."""
+    channel) spills L2 and they lose. Grad-weight (in blocks of two kernels) takes it on rows
+    up to half a vector that nchw would pad, or that the forward already runs in chwn
+    (``benchmarks/tile_variants.py --vary layout``, session 5, since its lanes meet in a tree:
+    2x2 1.2-2.0x against 0.4x, 4x4 0.8-1.5x against 0.5-0.8x, 7x7 0.8-1.6x against 0.6-1.0x);
+    on unpadded 8-wide rows nchw is as fast or faster."""
     if cuda:
         return "nchw", "nchw", "nchw"
     row_padded = _round_up(geom.out_w, choose_lanes(geom.out_w, simd_lanes)) != geom.out_w
     return ("chwn" if geom.out_w <= CHWN_DIRECT_MAX_WIDTH else "nchw",
             "chwn" if geom.in_w <= CHWN_DIRECT_MAX_WIDTH else "nchw",
-            "chwn" if CHWN_DIRECT_MAX_WIDTH < geom.out_w <= simd_lanes // 2 and row_padded else "nchw")
+            "chwn" if geom.out_w <= simd_lanes // 2 and (row_padded or geom.out_w <= CHWN_DIRECT_MAX_WIDTH)
+            else "nchw")
 
 
 def choose_chwn_rows(height: int, width: int) -> int:

@@ -363,12 +363,17 @@ def grad_weight_llvm(s: GradWeightSpec) -> str:
             for t in range(k):
                 lines += [f"            for v in T.vectorized({V}):",
                           f"                acc[{gi}, {t}, v] = acc[{gi}, {t}, v] + " + _gw_term(s, gi, t, p, x, lane)]
-        lines += [
-            f"        for gi, t in T.grid({G}, {k}):",
-            "            g[gidx[j, gi, t]] = T.float32(0)",
-            f"            for v in range({V}):",
-            "                g[gidx[j, gi, t]] = g[gidx[j, gi, t]] + acc[gi, t, v]",
-        ]
+        assert V & (V - 1) == 0, "lanes meet in a halving tree"
+        # lanes meet in a tree of vector adds (halving in place), not a serial scalar chain:
+        # on small maps that chain cost about as much as the reduction over the map
+        half = V // 2
+        while half >= 1:
+            lines += [f"        for gi, t in T.grid({G}, {k}):",
+                      f"            for v in T.vectorized({half}):",
+                      f"                acc[gi, t, v] = acc[gi, t, v] + acc[gi, t, v + {half}]"]
+            half //= 2
+        lines += [f"        for gi, t in T.grid({G}, {k}):",
+                  "            g[gidx[j, gi, t]] = acc[gi, t, 0]"]
     return "\n".join(lines) + "\n"
 
 
