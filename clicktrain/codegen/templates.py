@@ -80,7 +80,7 @@ class DirectConvSpec:
         """The input buffer's shape (``n``: the batch)."""
         if self.phases > 1:
             return f"({self.phases}, n, {self.src_channels}, {self.in_h}, {-(-self.in_w // self.phases)})"
-        return _activation(self.src_channels, self.in_h, self.in_w, self.layout)
+        return _activation(self.src_channels, self.in_h, self.in_w, self.layout, self.lanes)
 
     @property
     def k(self) -> int:
@@ -136,9 +136,13 @@ def _header(name: str, params: list[str]) -> list[str]:
             "    kk = T.int32()"]
 
 
-def _activation(channels: int, h: int, w: int, layout: str) -> str:
-    """The shape of an activation buffer; ``n`` is the batch (padded to the lanes in chwn)."""
-    return f"({channels}, {h}, {w}, n)" if layout == "chwn" else f"(n, {channels}, {h}, {w})"
+def _activation(channels: int, h: int, w: int, layout: str, lanes: int) -> str:
+    """The shape of an activation buffer; ``n`` is the batch, in chwn the number of blocks of
+    ``lanes`` images (the batch padded): ``(blocks, C, H, W, lanes)``. With the lanes innermost
+    and every other extent but the blocks a constant, each read of a kernel's tile is a
+    constant offset from the block and channel (a symbolic batch stride made LLVM compute
+    every address in vector registers and extract it lane by lane)."""
+    return f"(n, {channels}, {h}, {w}, {lanes})" if layout == "chwn" else f"(n, {channels}, {h}, {w})"
 
 
 def _direct_buffers(s: DirectConvSpec) -> list[str]:
@@ -151,7 +155,7 @@ def _direct_buffers(s: DirectConvSpec) -> list[str]:
         f'    src = T.match_buffer(src_h, (kk,), "int32")',
         f'    perm = T.match_buffer(perm_h, ({s.dst_channels},), "int32")',
         f'    bias = T.match_buffer(bias_h, ({s.dst_channels},), "float32")',
-        f'    out = T.match_buffer(out_h, {_activation(s.dst_channels, *s.out_extent, s.layout)}, "float32")',
+        f'    out = T.match_buffer(out_h, {_activation(s.dst_channels, *s.out_extent, s.layout, s.lanes)}, "float32")',
     ]
 
 
@@ -165,7 +169,7 @@ def _weight(s: DirectConvSpec, p: int, t: int, row: str) -> str:
 
 def _fma_chain(acc: str, s, p: int, b: str, y: str, x: str, weight: str | None = None, row: str = "") -> str:
     """``acc += sum_t w[j, t] * input at pattern p's offset t`` (``b``: the batch index, or in
-    the chwn layout the batch-lane index; ``weight``: how weight ``t`` is read, default
+    the chwn layout the batch block, lane ``v``; ``weight``: how weight ``t`` is read, default
     ``_weight`` of output row ``row``)."""
     sh, sw = s.stride
 
@@ -173,7 +177,7 @@ def _fma_chain(acc: str, s, p: int, b: str, y: str, x: str, weight: str | None =
         if s.phases > 1:
             return f"inp[{dx % sw}, {b}, src[j], ({y}) * {sh} + {dy}, {x} + {dx // sw}]"
         pos = f"({y}) * {sh} + {dy}, ({x}) * {sw} + {dx}"
-        return f"inp[src[j], {pos}, {b}]" if s.layout == "chwn" else f"inp[{b}, src[j], {pos}]"
+        return f"inp[{b}, src[j], {pos}, v]" if s.layout == "chwn" else f"inp[{b}, src[j], {pos}]"
     terms = [f"{weight.format(t=t) if weight else _weight(s, p, t, row)} * {at(dy, dx)}"
              for t, (dy, dx) in enumerate(s.offsets[p])]
     return f"{acc} = {acc} + " + " + ".join(terms)
@@ -222,11 +226,11 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
     O, R, V, FB = s.dst_channels, s.rows, s.lanes, s.filter_block
     P, B = len(s.offsets), s.channel_blocks
     groups = -(-O // FB)
-    f, lane = f"bf % {groups} * {FB} + fi", f"bf // {groups} * {V} + v"
+    f, images = f"bf % {groups} * {FB} + fi", f"bf // {groups}"
     init = f"bias[perm[{f}]]" if s.bias else "T.float32(0)"
 
     def out(r: int) -> str:
-        return f"out[perm[{f}], yt * {R} + {r}, x, {lane}]"
+        return f"out[{images}, perm[{f}], yt * {R} + {r}, x, v]"
 
     def tile(indent: int, body) -> list[str]:
         """``body(r)`` over the tile: rows unrolled here, each row's x unrolled, lanes vectorised."""
@@ -237,7 +241,7 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
     lines = _header(s.name, DIRECT_PARAMS) + _direct_buffers(s)
     # one accumulator buffer per row: TVM puts a buffer of 1 KB or more (16 AVX-512 vectors)
     # on the heap, where LLVM cannot keep it in registers (measured: 3-4x slower)
-    lines += [f"    for bf in T.parallel(n // {V} * {groups}):"]
+    lines += [f"    for bf in T.parallel(n * {groups}):"]
     lines += [f'        acc{r} = T.alloc_buffer(({s.out_w}, {V}), "float32", scope="global")' for r in range(R)]
 
     def block(cb: str, first: bool, indent: int) -> list[str]:
@@ -251,7 +255,7 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
         body += tile(inner + 4, lambda r: f"acc{r}[x, v] = {init if first else out(r)}")
         for p in range(P):
             body.append(" " * (inner + 4) + f"for j in range(ptr[{f}, {cb} * {P + 1} + {p}], ptr[{f}, {cb} * {P + 1} + {p + 1}]):")
-            body += tile(inner + 8, lambda r: _fma_chain(f"acc{r}[x, v]", s, p, lane, f"yt * {R} + {r}", "x", row=f))
+            body += tile(inner + 8, lambda r: _fma_chain(f"acc{r}[x, v]", s, p, images, f"yt * {R} + {r}", "x", row=f))
         body += tile(inner + 4, lambda r: f"{out(r)} = acc{r}[x, v]")
         return body
     # the first block starts from the bias, the others from the output so far
@@ -322,8 +326,8 @@ def direct_conv_cuda(s: DirectConvSpec) -> str:
 def _grad_weight_buffers(s: GradWeightSpec) -> list[str]:
     P = len(s.offsets)
     return [
-        f'    dout = T.match_buffer(dout_h, {_activation(s.dst_channels, s.out_h, s.out_w, s.layout)}, "float32")',
-        f'    inp = T.match_buffer(inp_h, {_activation(s.src_channels, s.in_h, s.in_w, s.layout)}, "float32")',
+        f'    dout = T.match_buffer(dout_h, {_activation(s.dst_channels, s.out_h, s.out_w, s.layout, s.lanes)}, "float32")',
+        f'    inp = T.match_buffer(inp_h, {_activation(s.src_channels, s.in_h, s.in_w, s.layout, s.lanes)}, "float32")',
         f'    bf = T.match_buffer(bf_h, (kk, {s.group}), "int32")',
         f'    bc = T.match_buffer(bc_h, (kk,), "int32")',
         f'    gidx = T.match_buffer(gidx_h, (kk, {s.group}, {s.k}), "int32")',
@@ -332,12 +336,13 @@ def _grad_weight_buffers(s: GradWeightSpec) -> list[str]:
     ]
 
 
-def _gw_term(s: GradWeightSpec, gi: int, t: int, p: int, x: str, lane: str = "", b: str = "b", y: str = "y") -> str:
-    """``dout * shifted input`` of kernel ``gi`` of block ``j``, weight ``t``."""
+def _gw_term(s: GradWeightSpec, gi: int, t: int, p: int, x: str, b: str = "b", y: str = "y") -> str:
+    """``dout * shifted input`` of kernel ``gi`` of block ``j``, weight ``t`` (chwn: ``b`` is
+    the batch block, the lane ``v``)."""
     dy, dx = s.offsets[p][t]
     sh, sw = s.stride
     if s.layout == "chwn":
-        return f"dout[bf[j, {gi}], {y}, {x}, {lane}] * inp[bc[j], ({y}) * {sh} + {dy}, ({x}) * {sw} + {dx}, {lane}]"
+        return f"dout[{b}, bf[j, {gi}], {y}, {x}, v] * inp[{b}, bc[j], ({y}) * {sh} + {dy}, ({x}) * {sw} + {dx}, v]"
     return f"dout[{b}, bf[j, {gi}], {y}, {x}] * inp[{b}, bc[j], ({y}) * {sh} + {dy}, ({x}) * {sw} + {dx}]"
 
 
@@ -346,9 +351,9 @@ def grad_weight_llvm(s: GradWeightSpec) -> str:
     ``group x k`` vector accumulators: vectorised along the row (nchw) or the batch (chwn)."""
     V, k, G = s.lanes, s.k, s.group
     if s.layout == "chwn":
-        reduce, x, lane = f"y, x, bb in T.grid({s.true_out_h}, {s.out_w}, n // {V})", "x", f"bb * {V} + v"
+        reduce, x, b = f"bb, y, x in T.grid(n, {s.true_out_h}, {s.out_w})", "x", "bb"
     else:
-        reduce, x, lane = f"b, y, xt in T.grid(n, {s.true_out_h}, {s.out_w // V})", f"xt * {V} + v", ""
+        reduce, x, b = f"b, y, xt in T.grid(n, {s.true_out_h}, {s.out_w // V})", f"xt * {V} + v", "b"
     lines = _header(s.name, GRAD_WEIGHT_PARAMS) + _grad_weight_buffers(s)
     for p in range(len(s.offsets)):
         lines += [
@@ -362,7 +367,7 @@ def grad_weight_llvm(s: GradWeightSpec) -> str:
         for gi in range(G):
             for t in range(k):
                 lines += [f"            for v in T.vectorized({V}):",
-                          f"                acc[{gi}, {t}, v] = acc[{gi}, {t}, v] + " + _gw_term(s, gi, t, p, x, lane)]
+                          f"                acc[{gi}, {t}, v] = acc[{gi}, {t}, v] + " + _gw_term(s, gi, t, p, x, b)]
         assert V & (V - 1) == 0, "lanes meet in a halving tree"
         # lanes meet in a tree of vector adds (halving in place), not a serial scalar chain:
         # on small maps that chain cost about as much as the reduction over the map

@@ -48,13 +48,18 @@ def _pad_to(x: torch.Tensor, top: int, left: int, rows: int, cols: int) -> torch
 
 
 def _to_chwn(x: torch.Tensor, top: int, left: int, rows: int, cols: int, lanes: int) -> torch.Tensor:
-    """``(N, C, H, W)`` -> ``(C, rows, cols, N')`` with ``x`` at (top, left) (cropped where it
-    overhangs), zeros around it and the batch padded to a multiple of ``lanes``: the chwn
-    kernels' layout, in one copy."""
+    """``(N, C, H, W)`` -> ``(ceil(N / lanes), C, rows, cols, lanes)`` with ``x`` at (top, left)
+    (cropped where it overhangs), zeros around it and past the batch: the chwn kernels' layout
+    (``templates._activation``), in one copy."""
     n, c, h, w = x.shape
-    buf = x.new_zeros(c, rows, cols, -(-n // lanes) * lanes, dtype=torch.float32)
+    full, rest = divmod(n, lanes)
+    buf = x.new_zeros(full + bool(rest), c, rows, cols, lanes, dtype=torch.float32)
     ys, ye, xs, xe = max(0, -top), min(h, rows - top), max(0, -left), min(w, cols - left)
-    buf[:, top + ys:top + ye, left + xs:left + xe, :n] = x[:, :, ys:ye, xs:xe].permute(1, 2, 3, 0)
+    src, window = x[:, :, ys:ye, xs:xe], (slice(None), slice(top + ys, top + ye), slice(left + xs, left + xe))
+    if full:
+        buf[(slice(0, full), *window)] = src[:full * lanes].reshape(full, lanes, c, ye - ys, xe - xs).permute(0, 2, 3, 4, 1)
+    if rest:
+        buf[(full, *window, slice(0, rest))] = src[full * lanes:].permute(1, 2, 3, 0)
     return buf
 
 
@@ -70,7 +75,9 @@ def _column_phases(xpad: torch.Tensor, phases: int) -> torch.Tensor:
 
 
 def _from_chwn(buf: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
-    return buf[:, :h, :w, :n].permute(3, 0, 1, 2).contiguous()
+    """The first ``n`` images of a chwn buffer, cropped to ``h x w``, as ``(n, C, h, w)``."""
+    blocks, c, _, _, lanes = buf.shape
+    return buf[:, :, :h, :w].permute(0, 4, 1, 2, 3).reshape(blocks * lanes, c, h, w)[:n]
 
 
 KINDS = ("forward", "grad_input", "grad_weight")
@@ -120,7 +127,7 @@ class LayerRunner:
         kernel's layout."""
         weight = weight.detach().reshape(-1)
         if spec.layout == "chwn":
-            out = torch.empty(channels, spec.out_h, spec.out_w, xpad.shape[-1], device=xpad.device)
+            out = torch.empty(xpad.shape[0], channels, spec.out_h, spec.out_w, spec.lanes, device=xpad.device)
             _call(func, xpad, weight, widx, ptr, src, perm, bias, out)
             return _from_chwn(out, batch, h, w)
         assert spec.out_extent == (h, w), "an nchw kernel stores the true-size output (plan_kernels)"
