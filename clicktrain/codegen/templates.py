@@ -25,7 +25,7 @@ A block short of ``group`` kernels is padded with copies writing to a scratch sl
 gradient's end.
 
 Small maps (rows narrower than a SIMD register) run the same two kernel shapes in the
-``chwn`` layout: activations as ``(channels, H, W, batch)``, vectorised along the batch, the
+``chwn`` layout: activations as ``(batch blocks, channels, H, W, lanes)``, vectorised along the batch, the
 register tile a block of whole output rows. A 4x4 map then fills 16-lane vectors instead of
 a quarter of one, and nothing is padded but the batch.
 
@@ -55,7 +55,7 @@ class DirectConvSpec:
     rows: int
     lanes: int
     bias: bool
-    layout: str = "nchw"  # or "chwn": (channels, H, W, batch), vectorised along the batch
+    layout: str = "nchw"  # or "chwn": (batch blocks, channels, H, W, lanes), vectorised along the batch
     stored: tuple[int, int] | None = None  # nchw: the output buffer's extent, where the tile overhangs it
     # weight t of kept kernel j (pattern p) of row f is at perm[f] * strides[0] + src[j] * strides[1]
     # + positions[p][t] in the dense weight: a computed address instead of a widx load (CPU; empty
