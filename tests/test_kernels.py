@@ -336,21 +336,26 @@ def test_compile_cache_reuses_kernels(tmp_path, monkeypatch):
     conv, masked_w, mask = hardened_conv(8, 8, 1, 1, 1, 0.0, seed=3)
     x = torch.randn(2, 8, 9, 9)
     conv(x, masked_w, None)
-    assert conv.compile_seconds > 0 and len(list(tmp_path.glob("*.so"))) == 3
+    copies = {spec.name for spec in conv.kernels_for((9, 9), (8, 8, 3, 3)).plan.relayouts.values()}
+    # padded input (grad-weight shares it) and padded output gradient are one copy here (8 channels
+    # either way, the same frame); grad-weight's output gradient is another
+    assert len(copies) == 2
+    built = 3 + len(copies)
+    assert conv.compile_seconds > 0 and len(list(tmp_path.glob("*.so"))) == built
     # a fresh process would load from disk: simulate by forgetting the in-memory modules
     monkeypatch.setattr(kernel_cache, "_loaded", {})
     again, _, _ = hardened_conv(8, 8, 1, 1, 1, 0.0, seed=3)
     kernels = again.kernels_for((9, 9), (8, 8, 3, 3))
-    assert kernels.cache_hits == 3 and len(list(tmp_path.glob("*.so"))) == 3
+    assert kernels.cache_hits == 3 + len(kernels.plan.relayouts) and len(list(tmp_path.glob("*.so"))) == built
     # new pattern ids over the same library: no new kernel, just new index arrays
     mask.assign(mask.library, torch.where(mask.pattern_ids == 0, torch.full_like(mask.pattern_ids, -1), mask.pattern_ids))
     torch.testing.assert_close(conv(x, masked_w * mask.mask(), None), F.conv2d(x, masked_w * mask.mask(), None, 1, 1),
                                rtol=1e-4, atol=1e-4)
-    assert len(list(tmp_path.glob("*.so"))) == 3
-    # a different library is a different kernel
+    assert len(list(tmp_path.glob("*.so"))) == built
+    # a different library is a different kernel (the copies do not depend on it)
     other, _, _ = hardened_conv(8, 8, 1, 1, 1, 0.0, seed=4, n_patterns=6)
     other.kernels_for((9, 9), (8, 8, 3, 3))
-    assert len(list(tmp_path.glob("*.so"))) == 6
+    assert len(list(tmp_path.glob("*.so"))) == built + 3
 
 
 def test_report_and_dump_show_generated_kernels(tmp_path):
@@ -441,3 +446,38 @@ def test_strided_forward_reads_column_phases():
     source = sources[fwd.name]
     assert f"inp = T.match_buffer(inp_h, (2, n, 8, {fwd.in_h}, {-(-fwd.in_w // 2)})" in source
     assert "inp[1, bf // 16, src[j], (yt" in source and f"xt * {fwd.lanes} + v + 1]" in source
+
+
+@pytest.mark.parametrize("case", [(17, 5, 3, 2, 5, 4, 1, 1, "chwn"), (3, 4, 5, 6, 4, 4, -1, -1, "nchw"),
+                                  (2, 3, 7, 7, 9, 16, 1, 1, "nchw"), (5, 3, 4, 4, 4, 4, 0, 0, "chwn"),
+                                  (2, 3, 2, 2, 3, 3, 3, 3, "nchw")],
+                         ids=["chwn-partial-block", "nchw-crop", "nchw-pad-to-lanes", "chwn-no-pad", "nchw-outside"])
+def test_generated_copies_equal_torchs(case):
+    """The generated copies around the kernels (padding into a frame, to and from chwn) give
+    exactly what torch's pad and permutes give, including a crop, a frame the image misses
+    entirely and a batch that leaves its last block of lanes part empty."""
+    import tvm
+    from clicktrain.codegen.templates import RelayoutSpec, relayout_llvm
+    from clicktrain.runtime.pattern_conv import _from_chwn, _pad_to, _to_chwn
+    n, c, h, w, rows, cols, top, left, layout = case
+    x = torch.randn(n, c, h, w)
+
+    def run(spec, src, batch):
+        func = tvm.compile(tvm.script.from_source(relayout_llvm(spec)), target=resolve_target("llvm").tvm_target)
+        out = torch.full(spec.out_shape(batch), float("nan"))  # every element must be written
+        func[spec.name](tvm.runtime.from_dlpack(src), tvm.runtime.from_dlpack(out))
+        return out
+    pad = RelayoutSpec("pad", "pad", layout, c, h, w, rows, cols, top, left, 16)
+    if layout == "chwn":
+        assert torch.equal(run(pad, x, n), _to_chwn(x, top, left, rows, cols, 16))
+        buf = torch.randn(pad.out_shape(n))
+        assert torch.equal(run(RelayoutSpec("unpad", "unpad", "chwn", c, h, w, rows, cols, lanes=16), buf, n),
+                           _from_chwn(buf, n, h, w))
+    else:
+        expected = torch.zeros(n, c, rows, cols)  # the frame, and the part of x that lands in it
+        ys, xs = max(0, -top), max(0, -left)
+        ye, xe = max(ys, min(h, rows - top)), max(xs, min(w, cols - left))
+        expected[:, :, top + ys:top + ye, left + xs:left + xe] = x[:, :, ys:ye, xs:xe]
+        assert torch.equal(run(pad, x, n), expected)
+        if top >= 0 and left >= 0 and top + h <= rows and left + w <= cols:
+            assert torch.equal(expected, _pad_to(x, top, left, rows, cols))

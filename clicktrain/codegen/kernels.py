@@ -18,7 +18,8 @@ from ..passes.reorder import FilterKernelLayout
 from ..patterns import kernel_masks, pattern_offsets
 from .cache import compile_cached
 from .target import KernelTarget, cuda_available
-from .templates import DirectConvSpec, GradWeightSpec, direct_conv_cuda, direct_conv_llvm, grad_weight_cuda, grad_weight_llvm
+from .templates import (DirectConvSpec, GradWeightSpec, RelayoutSpec, direct_conv_cuda, direct_conv_llvm, grad_weight_cuda,
+                        grad_weight_llvm, relayout_llvm)
 
 
 def _round_up(v: int, m: int) -> int:
@@ -75,6 +76,9 @@ class KernelPlan:
     forward: DirectConvSpec
     grad_input: DirectConvSpec
     grad_weight: GradWeightSpec
+    # generated copies between torch's nchw activations and the kernels' buffers, by role
+    # (plan_relayouts); a role without one is copied by torch
+    relayouts: dict = field(default_factory=dict)
 
     @property
     def specs(self):
@@ -233,15 +237,48 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     grad_weight = GradWeightSpec(f"ct_wgrad_{gw_layout}_{tag}", geom.in_channels, geom.out_channels,
                                  fwd_in[0], gw_in_w, geom.out_h, geom.out_h, gw_w, geom.stride, fwd_offsets,
                                  gw_lanes, gw_layout, group=grad_weight_group(target))
-    return KernelPlan(geom, forward, grad_input, grad_weight)
+    plan = KernelPlan(geom, forward, grad_input, grad_weight)
+    return plan if cuda else KernelPlan(geom, forward, grad_input, grad_weight, plan_relayouts(plan))
+
+
+def _relayout(kind: str, spec, channels: int, src_hw: tuple[int, int], frame: tuple[int, int],
+              at: tuple[int, int] = (0, 0)) -> RelayoutSpec:
+    name = "_".join(f"{v}".replace("-", "m") for v in (f"ct_{kind}_{spec.layout}_c{channels}", *src_hw, *frame, *at,
+                                                         f"v{spec.lanes}"))
+    return RelayoutSpec(name, kind, spec.layout, channels, *src_hw, *frame, *at, spec.lanes)
+
+
+def plan_relayouts(plan: KernelPlan) -> dict[str, RelayoutSpec]:
+    """The copies around the three kernels, by role: each kernel's input frame (the padded
+    input, the padded (zero-inserted, where strided) output gradient, grad-weight's output
+    gradient and, where it cannot share the forward's, its own padded input) and the chwn
+    kernels' outputs back to nchw. Strided forwards' column phases stay with torch."""
+    g, fwd, gi, gw = plan.geometry, plan.forward, plan.grad_input, plan.grad_weight
+    (sh, sw), (dh, dw), (ph, pw) = g.stride, g.dilation, g.padding
+    out_hw, in_hw = (g.out_h, g.out_w), (g.in_h, g.in_w)
+    up_hw = ((g.out_h - 1) * sh + 1, (g.out_w - 1) * sw + 1)
+    roles = {"grad_input_in": _relayout("pad", gi, g.out_channels, up_hw, (gi.in_h, gi.in_w), (2 * dh - ph, 2 * dw - pw)),
+             "grad_weight_dout": _relayout("pad", gw, g.out_channels, out_hw, (gw.out_h, gw.out_w))}
+    if fwd.phases == 1:
+        roles["forward_in"] = _relayout("pad", fwd, g.in_channels, in_hw, (fwd.in_h, fwd.in_w), (ph, pw))
+    if not plan.grad_weight_reads_forward_input:
+        roles["grad_weight_in"] = _relayout("pad", gw, g.in_channels, in_hw, (gw.in_h, gw.in_w), (ph, pw))
+    if fwd.layout == "chwn":
+        roles["forward_out"] = _relayout("unpad", fwd, g.out_channels, out_hw, (fwd.out_h, fwd.out_w))
+    if gi.layout == "chwn":
+        roles["grad_input_out"] = _relayout("unpad", gi, g.in_channels, in_hw, (gi.out_h, gi.out_w))
+    return roles
 
 
 def kernel_sources(plan: KernelPlan, target: KernelTarget) -> dict[str, str]:
-    """TVMScript of the three kernels (each llvm template serves both layouts)."""
+    """TVMScript of the three kernels (each llvm template serves both layouts) and the copies
+    around them."""
     cuda = target.name == "cuda"
     direct, wgrad = (direct_conv_cuda, grad_weight_cuda) if cuda else (direct_conv_llvm, grad_weight_llvm)
-    return {plan.forward.name: direct(plan.forward), plan.grad_input.name: direct(plan.grad_input),
-            plan.grad_weight.name: wgrad(plan.grad_weight)}
+    sources = {plan.forward.name: direct(plan.forward), plan.grad_input.name: direct(plan.grad_input),
+               plan.grad_weight.name: wgrad(plan.grad_weight)}
+    sources.update({spec.name: relayout_llvm(spec) for spec in plan.relayouts.values()})
+    return sources
 
 
 @dataclass
@@ -254,6 +291,7 @@ class LayerKernels:
     grad_weight: object = None
     compile_seconds: float = 0.0
     cache_hits: int = 0
+    relayouts: dict = field(default_factory=dict)  # role -> compiled copy (plan.relayouts)
 
     @classmethod
     def build(cls, geom: ConvGeometry, library: torch.Tensor, target: KernelTarget) -> "LayerKernels":
@@ -270,6 +308,11 @@ class LayerKernels:
             funcs.append(module[spec.name] if runnable else None)
         kernels.forward, kernels.grad_input, kernels.grad_weight = funcs
         kernels._modules = modules
+        for role, spec in plan.relayouts.items():
+            module, seconds, hit = compile_cached(spec.name, sources[spec.name], target)
+            kernels.compile_seconds += seconds
+            kernels.cache_hits += int(hit)
+            kernels.relayouts[role] = module[spec.name]
         return kernels
 
     def source_hash(self) -> str:

@@ -105,9 +105,22 @@ class LayerRunner:
         return weight.detach().masked_fill(self.index.pruned, 0)
 
     # -- generated kernels -----------------------------------------------------------------
-    @staticmethod
-    def _padded(spec, x, top, left, extent):
-        """A kernel's input buffer: ``x`` padded to ``extent``, in the kernel's layout."""
+    def _relayout(self, role: str, x: torch.Tensor, batch: int) -> torch.Tensor | None:
+        """``x`` copied by the generated copy of ``role`` (``plan_relayouts``), or None where
+        the plan has none (torch copies it)."""
+        spec = self.kernels.plan.relayouts.get(role)
+        if spec is None:
+            return None
+        out = torch.empty(spec.out_shape(batch), device=x.device)
+        _call(self.kernels.relayouts[role], x.float().contiguous(), out)
+        return out
+
+    def _padded(self, spec, x, top, left, extent, role: str = ""):
+        """A kernel's input buffer: ``x`` padded to ``extent``, in the kernel's layout (by the
+        generated copy of ``role`` where there is one)."""
+        copied = self._relayout(role, x, x.shape[0]) if role else None
+        if copied is not None:
+            return copied
         if spec.layout == "chwn":
             return _to_chwn(x, top, left, *extent, spec.lanes)
         if getattr(spec, "phases", 1) > 1:
@@ -117,19 +130,22 @@ class LayerRunner:
     def pad_input(self, x, spec=None):
         """The padded input of the forward kernel (or of ``spec``: its layout and extent)."""
         g = self.geometry
-        spec = spec or self.kernels.plan.forward
-        return self._padded(spec, x, g.padding[0], g.padding[1], (spec.in_h, spec.in_w))
+        plan = self.kernels.plan
+        role = "forward_in" if spec is None or plan.grad_weight_reads_forward_input else "grad_weight_in"
+        spec = spec or plan.forward
+        return self._padded(spec, x, g.padding[0], g.padding[1], (spec.in_h, spec.in_w), role)
 
-    @staticmethod
-    def _run_direct(func, spec, xpad, weight, widx, ptr, src, perm, bias, channels: int, batch: int, h: int, w: int):
+    def _run_direct(self, func, spec, role, xpad, weight, widx, ptr, src, perm, bias, channels: int, batch: int,
+                    h: int, w: int):
         """Run a direct-conv kernel (forward or grad-input) on its padded input, reading the
-        dense ``weight`` at ``widx``; the result as ``(batch, channels, h, w)``, whatever the
-        kernel's layout."""
+        dense ``weight``; the result as ``(batch, channels, h, w)``, whatever the kernel's
+        layout (a chwn result copied back by the generated copy of ``role``)."""
         weight = weight.detach().reshape(-1)
         if spec.layout == "chwn":
             out = torch.empty(xpad.shape[0], channels, spec.out_h, spec.out_w, spec.lanes, device=xpad.device)
             _call(func, xpad, weight, widx, ptr, src, perm, bias, out)
-            return _from_chwn(out, batch, h, w)
+            copied = self._relayout(role, out, batch)
+            return copied if copied is not None else _from_chwn(out, batch, h, w)
         assert spec.out_extent == (h, w), "an nchw kernel stores the true-size output (plan_kernels)"
         out = torch.empty(batch, channels, h, w, device=xpad.device)
         _call(func, xpad, weight, widx, ptr, src, perm, bias, out)
@@ -138,7 +154,8 @@ class LayerRunner:
     def forward_generated(self, xpad, weight, bias, batch: int):
         g, plan, idx = self.geometry, self.kernels.plan, self.index
         b = bias.detach().float().contiguous() if bias is not None else idx.bias_zeros(g.out_channels, xpad)
-        return self._run_direct(self.kernels.forward, plan.forward, xpad, weight, *map(idx.handle, FWD_INDEX), b,
+        return self._run_direct(self.kernels.forward, plan.forward, "forward_out", xpad, weight,
+                                *map(idx.handle, FWD_INDEX), b,
                                 g.out_channels, batch, g.out_h, g.out_w)
 
     def forward(self, x, weight, bias):
@@ -164,8 +181,9 @@ class LayerRunner:
         else:
             up = dout
         gi = plan.grad_input
-        upad = self._padded(gi, up, 2 * dh - g.padding[0], 2 * dw - g.padding[1], (gi.in_h, gi.in_w))
-        return self._run_direct(self.kernels.grad_input, plan.grad_input, upad, weight, *map(idx.handle, BWD_INDEX),
+        upad = self._padded(gi, up, 2 * dh - g.padding[0], 2 * dw - g.padding[1], (gi.in_h, gi.in_w), "grad_input_in")
+        return self._run_direct(self.kernels.grad_input, plan.grad_input, "grad_input_out", upad, weight,
+                                *map(idx.handle, BWD_INDEX),
                                 idx.bias_zeros(g.in_channels, dout), g.in_channels, dout.shape[0],
                                 g.in_h, g.in_w)
 
@@ -179,7 +197,8 @@ class LayerRunner:
             return full.masked_fill_(idx.pruned, 0)  # the kept weights' gradients and exact zeros, as the kernel's
         if xpad is None or not plan.grad_weight_reads_forward_input:
             xpad = self.pad_input(x, plan.grad_weight)
-        dpad = self._padded(plan.grad_weight, dout, 0, 0, (plan.grad_weight.out_h, plan.grad_weight.out_w))
+        dpad = self._padded(plan.grad_weight, dout, 0, 0, (plan.grad_weight.out_h, plan.grad_weight.out_w),
+                            "grad_weight_dout")
         grad = torch.zeros(plan.grad_weight.gradient_size, device=weight.device)  # + scratch for short blocks
         _call(self.kernels.grad_weight, dpad, xpad, *map(idx.handle, GRAD_WEIGHT_INDEX), grad)
         return grad[:weight.numel()].view_as(weight).to(weight.dtype)
