@@ -60,11 +60,30 @@ def compile_cached(name: str, source: str, target, load: bool = True) -> tuple[o
     With ``load=False`` (a cuda target on a machine without a GPU, whose runtime cannot load
     CUDA modules) the kernel is compiled and the unloaded executable returned, so its source
     can still be inspected and dumped."""
-    import tvm
+    return start_compile(name, source, target, load)()
 
+
+_pending: dict = {}  # cache key -> the result function of a build under way
+_writer = None        # one background thread writes and loads the cache's .so files
+
+
+def start_compile(name: str, source: str, target, load: bool = True):
+    """Build the kernel now; writing its ``.so`` to the cache and loading it back (a compiler
+    subprocess, about a third of a build) runs in a background thread. Returns a function
+    that gives ``compile_cached``'s triple once that is done: start a layer's kernels, then
+    collect them, and each link overlaps the next kernel's build. The seconds are the build
+    plus the wait, so they add up to the wall time spent."""
+    import tvm
+    from concurrent.futures import ThreadPoolExecutor
+
+    global _writer
     key = cache_key(source, target.description)
     if key in _loaded:
-        return _loaded[key], 0.0, True
+        module = _loaded[key]
+        return lambda: (module, 0.0, True)
+    if key in _pending:  # the same source twice in one batch (two identical copies in a layer)
+        first = _pending[key]
+        return lambda: (first()[0], 0.0, True)
     path = cache_dir() / f"{name}-{key}.so"
     started = time.perf_counter()
     if load:
@@ -74,7 +93,8 @@ def compile_cached(name: str, source: str, target, load: bool = True) -> tuple[o
         try:
             module = tvm.runtime.load_module(str(path))
             _loaded[key] = module
-            return module, time.perf_counter() - started, True
+            seconds = time.perf_counter() - started
+            return lambda: (module, seconds, True)
         except Exception as exc:  # noqa: BLE001 - rebuilt below if this TVM can compile
             load_error = f" (loading the cached {path.name} failed first: {type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''})"
     try:
@@ -93,16 +113,32 @@ def compile_cached(name: str, source: str, target, load: bool = True) -> tuple[o
             f"TVM failed to compile kernel {name} for {target.description}: {type(exc).__name__}: "
             f"{lines[-1] if lines else ''}; {where}{load_error}. Please report it; target='torch' runs the "
             f"same model meanwhile.", original=exc) from None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: executable.export_library(tmp))  # also when this machine cannot load it
-        if not load:
-            return executable, time.perf_counter() - started, False
-        module = tvm.runtime.load_module(str(path))
-    except OSError:
-        module = executable  # an unwritable cache costs recompiles, not correctness
-    _loaded[key] = module
-    return module, time.perf_counter() - started, False
+    built = time.perf_counter() - started
+
+    def write_and_load():  # the only user of `executable` from here on
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: executable.export_library(tmp))  # also when this machine cannot load it
+            return tvm.runtime.load_module(str(path)) if load else executable
+        except OSError:
+            return executable  # an unwritable cache costs recompiles, not correctness
+    if _writer is None:
+        _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clicktrain-cache")
+    future = _writer.submit(write_and_load)
+    done: list = []
+
+    def result():
+        if not done:
+            waited = time.perf_counter()
+            module = future.result()
+            if load:
+                _loaded[key] = module
+            _pending.pop(key, None)
+            done.append((module, built + time.perf_counter() - waited, False))
+            return done[0]
+        return done[0][0], 0.0, True  # collected before: the time is counted once
+    _pending[key] = result
+    return result
 
 
 def _tuning_path() -> Path:

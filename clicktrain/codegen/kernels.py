@@ -16,7 +16,7 @@ import torch
 from ..passes.conv_sites import pair
 from ..passes.reorder import FilterKernelLayout
 from ..patterns import kernel_masks, pattern_offsets
-from .cache import compile_cached
+from .cache import start_compile
 from .target import KernelTarget, cuda_available
 from .templates import (DirectConvSpec, GradWeightSpec, RelayoutSpec, direct_conv_cuda, direct_conv_llvm, grad_weight_cuda,
                         grad_weight_llvm, relayout_llvm)
@@ -298,21 +298,24 @@ class LayerKernels:
         plan = plan_kernels(geom, library, target)
         sources = kernel_sources(plan, target)
         kernels = cls(plan, target, sources)
-        funcs, modules = [], []
         runnable = target.name != "cuda" or cuda_available()
-        for spec in plan.specs:
-            module, seconds, hit = compile_cached(spec.name, sources[spec.name], target, load=runnable)
+        # start every build, then collect: each .so is linked while the next kernel builds
+        started = [start_compile(spec.name, sources[spec.name], target, load=runnable) for spec in plan.specs]
+        copies = {role: start_compile(spec.name, sources[spec.name], target) for role, spec in plan.relayouts.items()}
+        funcs, modules = [], []
+        for spec, result in zip(plan.specs, started):
+            module, seconds, hit = result()
             kernels.compile_seconds += seconds
             kernels.cache_hits += int(hit)
             modules.append(module)
             funcs.append(module[spec.name] if runnable else None)
         kernels.forward, kernels.grad_input, kernels.grad_weight = funcs
         kernels._modules = modules
-        for role, spec in plan.relayouts.items():
-            module, seconds, hit = compile_cached(spec.name, sources[spec.name], target)
+        for role, result in copies.items():
+            module, seconds, hit = result()
             kernels.compile_seconds += seconds
             kernels.cache_hits += int(hit)
-            kernels.relayouts[role] = module[spec.name]
+            kernels.relayouts[role] = module[plan.relayouts[role].name]
         return kernels
 
     def source_hash(self) -> str:

@@ -244,25 +244,33 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
     lines += [f"    for bf in T.parallel(n * {groups}):"]
     lines += [f'        acc{r} = T.alloc_buffer(({s.out_w}, {V}), "float32", scope="global")' for r in range(R)]
 
-    def block(cb: str, first: bool, indent: int) -> list[str]:
-        pad = " " * indent
-        body = [pad + f"for fi in range({FB}):"]
-        inner = indent + 4
+    def rows_of_task(indent: int, body) -> list[str]:
+        """``body(indent)`` for each of the task's output rows and tiles."""
+        lines = [" " * indent + f"for fi in range({FB}):"]
         if O % FB:
-            body.append(" " * inner + f"if {f} < {O}:")
-            inner += 4
-        body.append(" " * inner + f"for yt in range({s.out_h // R}):")
-        body += tile(inner + 4, lambda r: f"acc{r}[x, v] = {init if first else out(r)}")
-        for p in range(P):
-            body.append(" " * (inner + 4) + f"for j in range(ptr[{f}, {cb} * {P + 1} + {p}], ptr[{f}, {cb} * {P + 1} + {p + 1}]):")
-            body += tile(inner + 8, lambda r: _fma_chain(f"acc{r}[x, v]", s, p, images, f"yt * {R} + {r}", "x", row=f))
-        body += tile(inner + 4, lambda r: f"{out(r)} = acc{r}[x, v]")
+            indent += 4
+            lines.append(" " * indent + f"if {f} < {O}:")
+        lines.append(" " * (indent + 4) + f"for yt in range({s.out_h // R}):")
+        return lines + body(indent + 8)
+
+    def block(cb: str, first: bool):
+        """One block of source channels into the tile: from the bias (the only block) or from
+        the output so far."""
+        def body(indent: int) -> list[str]:
+            lines = tile(indent, lambda r: f"acc{r}[x, v] = {init if first else out(r)}")
+            for p in range(P):
+                lines.append(" " * indent + f"for j in range(ptr[{f}, {cb} * {P + 1} + {p}], "
+                             f"ptr[{f}, {cb} * {P + 1} + {p + 1}]):")
+                lines += tile(indent + 4, lambda r: _fma_chain(f"acc{r}[x, v]", s, p, images, f"yt * {R} + {r}", "x",
+                                                                row=f))
+            return lines + tile(indent, lambda r: f"{out(r)} = acc{r}[x, v]")
         return body
-    # the first block starts from the bias, the others from the output so far
-    lines += block("0", True, 8)
-    if B > 1:  # (a loop from 1 lost its offset in one TVM pass: the loop runs from 0)
-        lines.append(f"        for cb in range({B - 1}):")
-        lines += block("(cb + 1)", False, 12)
+    if B == 1:
+        lines += rows_of_task(8, block("0", True))
+    else:  # the output starts as the bias; each block adds to it (one copy of the block's code)
+        lines += rows_of_task(8, lambda indent: tile(indent, lambda r: f"{out(r)} = {init}"))
+        lines.append(f"        for cb in range({B}):")
+        lines += rows_of_task(12, block("cb", False))
     return "\n".join(lines) + "\n"
 
 

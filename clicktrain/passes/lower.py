@@ -117,8 +117,8 @@ class GenerateKernels(ClicktrainPass):
             started = time.perf_counter()
             kernels = module.kernels_for(tuple(site.input_shape[2:]), site.weight_shape)
             state.compile_seconds[site.name] = state.compile_seconds.get(site.name, 0.0) + time.perf_counter() - started
-            for spec in kernels.plan.specs:
-                self.sources[f"{spec.name}.tir.py"] = kernels.sources[spec.name]
+            for name, source in kernels.sources.items():  # the three kernels and the copies around them
+                self.sources[f"{name}.tir.py"] = source
             self.sources.update(kernels.device_sources())
         return PassResult(gm, False)
 
