@@ -2,12 +2,14 @@
 of VGG-11 and ResNet-20 at batch 64: the grad-weight block size (kept kernels per block that
 share an input channel and a pattern, ``GRAD_WEIGHT_GROUP``) or the rows of the forward /
 grad-input tile (``choose_rows``), or the grad-weight layout (``choose_layouts``: batch in
-the lanes, chwn, or along the row, nchw; glue included). Each variant and dense are timed in
-turn, nine rounds, fastest of each; ratio = dense time / generated time.
+the lanes, chwn, or along the row, nchw; glue included), or the forward and grad-input layout
+(``--vary direct``). Each variant and dense are timed in turn, nine rounds, fastest of each;
+ratio = dense time / generated time.
 
     .venv/bin/python benchmarks/tile_variants.py --vary group [--values 1 2 4] [--connectivity 0.0]
     .venv/bin/python benchmarks/tile_variants.py --vary rows  [--values 2 4 8]
     .venv/bin/python benchmarks/tile_variants.py --vary layout [--values chwn nchw]
+    .venv/bin/python benchmarks/tile_variants.py --vary direct [--values chwn nchw]
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ LAYERS = {  # (in, out, h, w): grad-weight runs nchw and chwn; rows matter where
              (8, 16, 28, 28)],
     "layout": [(64, 64, 8, 8), (256, 256, 8, 8), (64, 64, 7, 7), (128, 256, 7, 7), (64, 128, 4, 4),
                (256, 256, 4, 4), (128, 128, 2, 2), (512, 512, 2, 2)],
+    "direct": [(64, 64, 7, 7), (64, 64, 8, 8), (128, 256, 7, 7), (256, 256, 7, 7), (128, 256, 8, 8),
+               (256, 256, 8, 8), (32, 32, 14, 14), (128, 128, 14, 14)],
 }
-DEFAULT_VALUES = {"group": ["1", "2", "4"], "rows": ["2", "4", "8"], "layout": ["chwn", "nchw"]}
+DEFAULT_VALUES = {"group": ["1", "2", "4"], "rows": ["2", "4", "8"], "layout": ["chwn", "nchw"],
+                  "direct": ["chwn", "nchw"]}
 
 
 def runner_with(vary: str, value: str, weight, library, ids, hw, target):
@@ -46,6 +51,8 @@ def runner_with(vary: str, value: str, weight, library, ids, hw, target):
         K.grad_weight_group = lambda t: int(value)
     elif vary == "rows":
         K.choose_rows = lambda lanes, simd: int(value)
+    elif vary == "direct":  # forward and grad-input layout
+        K.choose_layouts = lambda g, simd, cuda: (value, value, saved[2](g, simd, cuda)[2])
     else:
         K.choose_layouts = lambda g, simd, cuda: (*saved[2](g, simd, cuda)[:2], value)
     try:
@@ -65,7 +72,7 @@ def main() -> None:
     threads = set_threads(None)
     print(header(threads))
     print(f"varying {args.vary}; 4/9 patterns, {args.connectivity:.0%} of kernels dropped; "
-          f"ratio = dense time / generated time ({'forward, grad-input' if args.vary == 'rows' else 'grad-weight'})")
+          f"ratio = dense time / generated time ({'forward, grad-input' if args.vary in ('rows', 'direct') else 'grad-weight'})")
     target = resolve_target("llvm")
     for c, o, h, w in LAYERS[args.vary]:
         torch.manual_seed(0)
@@ -77,7 +84,7 @@ def main() -> None:
         fns = {}
         for value in values:
             r = runner_with(args.vary, value, wt, lib, ids, (h, w), target)
-            if args.vary != "rows":
+            if args.vary not in ("rows", "direct"):
                 xpad = r.pad_input(x)  # the forward's; grad-weight pads its own if its layout differs
                 fns[value] = (lambda r=r, xpad=xpad: r.grad_weight(dout, x, xpad, wt))
             else:
@@ -85,17 +92,17 @@ def main() -> None:
                 fns[(value, "dgrad")] = (lambda r=r: r.grad_input(dout, wt, tuple(x.shape)))
         dense_bwd = (lambda mask: lambda: torch.ops.aten.convolution_backward(
             dout, x, wt, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask))
-        if args.vary != "rows":
+        if args.vary not in ("rows", "direct"):
             fns["dense"] = dense_bwd([False, True, False])
         else:
             fns[("dense", "fwd")] = lambda: torch.nn.functional.conv2d(x, wt, None, 1, 1)
             fns[("dense", "dgrad")] = dense_bwd([True, False, False])
         best = fastest_alternating(fns)
-        if args.vary != "rows":
+        if args.vary not in ("rows", "direct"):
             cells = [f"{args.vary} {v} {best['dense'] / best[v]:.2f}x" for v in values]
             layout = r.kernels.plan.forward.layout + " forward"
         else:
-            cells = [f"rows {v} fwd {best[('dense', 'fwd')] / best[(v, 'fwd')]:.2f}x "
+            cells = [f"{args.vary} {v} fwd {best[('dense', 'fwd')] / best[(v, 'fwd')]:.2f}x "
                      f"dgrad {best[('dense', 'dgrad')] / best[(v, 'dgrad')]:.2f}x" for v in values]
             layout = f"{r.kernels.plan.forward.layout}, {r.kernels.plan.forward.lanes} lanes"
         print(f"{c}->{o} {h}x{w} ({layout}): " + "  ".join(cells), flush=True)

@@ -55,10 +55,12 @@ GRID = [
     (2, 4, 4, 7, 7, (2, 1), (0, 1), (1, 2), 0.25, True),  # per-axis stride/padding/dilation
     (2, 17, 24, 28, 28, 1, 1, 1, 0.0, False),   # 28-wide rows, 17 channels
     (2, 12, 10, 6, 5, 1, 0, 1, 0.9, True),      # no padding, almost everything dropped
-    (4, 32, 32, 7, 7, 1, 1, 1, 0.5, True),      # narrow maps (grad-weight in the chwn layout)
+    (4, 32, 32, 7, 7, 1, 1, 1, 0.5, True),      # narrow maps: all three kinds chwn
+    (2, 12, 20, 8, 8, 1, 1, 1, 0.3, True),      # forward and grad-input chwn, grad-weight nchw (its own input copy)
+    (2, 6, 10, 16, 16, 2, 1, 1, 0.3, True),     # forward chwn (8x8 out), grad-input nchw (16x16)
     (3, 16, 24, 4, 4, 1, 1, 1, 0.5, True),      # tiny maps: all three kinds chwn
     (17, 6, 10, 2, 3, 1, 1, 1, 0.0, False),     # batch not a multiple of the vector width
-    (2, 8, 16, 8, 8, 2, 1, 1, 0.25, True),      # forward and grad-weight chwn (4x4 out), grad-input nchw (8x8)
+    (2, 8, 16, 8, 8, 2, 1, 1, 0.25, True),      # stride 2, all chwn (4x4 out, 8x8 in)
 ]
 
 
@@ -146,9 +148,9 @@ def test_grad_weight_blocks_group_kernels_by_channel_and_pattern():
 
 @pytest.mark.parametrize("simd", [8, 16])
 def test_layout_choice_per_kernel_kind(simd):
-    """Expected layouts: batch-in-lanes (chwn) forward/grad-input only on rows of <= 4,
-    grad-weight on rows up to half a vector that nchw would pad or the forward runs in chwn;
-    the grid above covers each mix."""
+    """Expected layouts: batch-in-lanes (chwn) forward/grad-input only on rows of <= 8,
+    grad-weight on rows of <= 4 and on rows up to half a vector that nchw would pad; the grid
+    above covers each mix."""
     from clicktrain.codegen.kernels import ConvGeometry, plan_kernels
     from clicktrain.codegen.target import KernelTarget
     cpu = KernelTarget("llvm", (), "test", simd)
@@ -158,9 +160,10 @@ def test_layout_choice_per_kernel_kind(simd):
         plan = plan_kernels(ConvGeometry.of((8, 8, 3, 3), (h, h), stride, 1, 1), library, cpu)
         return tuple(spec.layout for spec in plan.specs)
     assert layouts(4, 1) == ("chwn", "chwn", "chwn")
-    assert layouts(8, 2) == ("chwn", "nchw", "chwn")
-    assert layouts(7, 1) == ("nchw", "nchw", "chwn" if simd == 16 else "nchw")
-    assert layouts(8, 1) == ("nchw", "nchw", "nchw")
+    assert layouts(8, 2) == ("chwn", "chwn", "chwn")
+    assert layouts(16, 2) == ("chwn", "nchw", "nchw")
+    assert layouts(7, 1) == ("chwn", "chwn", "chwn" if simd == 16 else "nchw")
+    assert layouts(8, 1) == ("chwn", "chwn", "nchw")
     assert layouts(28, 1) == ("nchw", "nchw", "nchw")
     plan = plan_kernels(ConvGeometry.of((8, 8, 3, 3), (4, 4), 1, 1, 1), library, cpu)
     assert plan.forward.lanes == simd and plan.forward.out_w == 4 and plan.forward.out_h % plan.forward.rows == 0

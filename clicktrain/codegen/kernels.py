@@ -103,25 +103,28 @@ def choose_rows(lanes: int, simd_lanes: int) -> int:
 
 
 CHWN_ACCUMULATORS = 16  # vector registers the chwn tile may hold (AVX-512 has 32, AVX2 16)
-CHWN_DIRECT_MAX_WIDTH = 4  # forward / grad-input: chwn up to this output row width
+CHWN_DIRECT_MAX_WIDTH = 8  # forward / grad-input: chwn up to this output row width
+CHWN_GRAD_WEIGHT_WIDTH = 4  # grad-weight: chwn up to this width even where nchw would not pad
 
 
 def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool) -> tuple[str, str, str]:
     """Layout of (forward, grad-input, grad-weight). ``chwn`` puts the batch in the vector
-    lanes. Measured on AVX-512 (docs/performance.md): forward and grad-input gain from it only
-    on rows of <= 4 (an nchw tile then fills a quarter of a vector: 2x2 maps 0.16x -> 0.6x of
-    dense); on 7- and 14-wide rows their chwn working set (a 16-image block of every input
-    channel) spills L2 and they lose. Grad-weight (in blocks of two kernels) takes it on rows
-    up to half a vector that nchw would pad, or that the forward already runs in chwn
-    (``benchmarks/tile_variants.py --vary layout``, session 5, since its lanes meet in a tree:
-    2x2 1.2-2.0x against 0.4x, 4x4 0.8-1.5x against 0.5-0.8x, 7x7 0.8-1.6x against 0.6-1.0x);
-    on unpadded 8-wide rows nchw is as fast or faster."""
+    lanes. Measured on AVX-512 (docs/performance.md, ``benchmarks/tile_variants.py``):
+    forward and grad-input take it on rows of <= 8 (``--vary direct``, session 5, in one
+    process: 128-256-channel 7x7 and 8x8 layers forward 1.18-1.49x against 0.93-1.13x,
+    grad-input 1.16-1.28x against 0.78-1.0x; 64-channel ones about even; on rows of <= 4 an
+    nchw tile fills a quarter of a vector). Before session 5's chwn fixes (per-row
+    accumulators, the blocked layout) chwn lost on 7-wide rows. Grad-weight (in blocks of two
+    kernels) takes it on rows up to half a vector that nchw would pad, or of <= 4
+    (``--vary layout``, session 5, since its lanes meet in a tree: 2x2 1.2-2.0x against 0.4x,
+    4x4 0.8-1.5x against 0.5-0.8x, 7x7 0.8-1.6x against 0.6-1.0x); on unpadded 8-wide rows
+    nchw is as fast or faster."""
     if cuda:
         return "nchw", "nchw", "nchw"
     row_padded = _round_up(geom.out_w, choose_lanes(geom.out_w, simd_lanes)) != geom.out_w
     return ("chwn" if geom.out_w <= CHWN_DIRECT_MAX_WIDTH else "nchw",
             "chwn" if geom.in_w <= CHWN_DIRECT_MAX_WIDTH else "nchw",
-            "chwn" if geom.out_w <= simd_lanes // 2 and (row_padded or geom.out_w <= CHWN_DIRECT_MAX_WIDTH)
+            "chwn" if geom.out_w <= simd_lanes // 2 and (row_padded or geom.out_w <= CHWN_GRAD_WEIGHT_WIDTH)
             else "nchw")
 
 
