@@ -455,34 +455,41 @@ def test_strided_forward_reads_column_phases():
 
 @pytest.mark.parametrize("case", [(17, 5, 3, 2, 5, 4, 1, 1, "chwn"), (3, 4, 5, 6, 4, 4, -1, -1, "nchw"),
                                   (2, 3, 7, 7, 9, 16, 1, 1, "nchw"), (5, 3, 4, 4, 4, 4, 0, 0, "chwn"),
-                                  (2, 3, 2, 2, 3, 3, 3, 3, "nchw")],
-                         ids=["chwn-partial-block", "nchw-crop", "nchw-pad-to-lanes", "chwn-no-pad", "nchw-outside"])
+                                  (2, 3, 2, 2, 3, 3, 3, 3, "nchw"), (2, 3, 4, 3, 10, 8, 1, -1, "nchw", (2, 3)),
+                                  (3, 2, 4, 4, 9, 9, 1, 1, "chwn", (2, 2))],
+                         ids=["chwn-partial-block", "nchw-crop", "nchw-pad-to-lanes", "chwn-no-pad", "nchw-outside",
+                              "nchw-spread", "chwn-spread"])
 def test_generated_copies_equal_torchs(case):
-    """The generated copies around the kernels (padding into a frame, to and from chwn) give
-    exactly what torch's pad and permutes give, including a crop, a frame the image misses
-    entirely and a batch that leaves its last block of lanes part empty."""
+    """The generated copies around the kernels (padding into a frame, to and from chwn, spread
+    by a stride) give exactly what torch's zero insertion, pad and permutes give, including a
+    crop, a frame the image misses entirely and a batch that leaves its last block of lanes
+    part empty."""
     import tvm
     from clicktrain.codegen.templates import RelayoutSpec, relayout_llvm
     from clicktrain.runtime.pattern_conv import _from_chwn, _pad_to, _to_chwn
-    n, c, h, w, rows, cols, top, left, layout = case
+    n, c, h, w, rows, cols, top, left, layout, *spread = case
+    spread = tuple(spread[0]) if spread else (1, 1)
     x = torch.randn(n, c, h, w)
+    up = torch.zeros(n, c, (h - 1) * spread[0] + 1, (w - 1) * spread[1] + 1)  # torch's zero insertion
+    up[:, :, ::spread[0], ::spread[1]] = x
 
     def run(spec, src, batch):
         func = tvm.compile(tvm.script.from_source(relayout_llvm(spec)), target=resolve_target("llvm").tvm_target)
         out = torch.full(spec.out_shape(batch), float("nan"))  # every element must be written
         func[spec.name](tvm.runtime.from_dlpack(src), tvm.runtime.from_dlpack(out))
         return out
-    pad = RelayoutSpec("pad", "pad", layout, c, h, w, rows, cols, top, left, 16)
+    pad = RelayoutSpec("pad", "pad", layout, c, h, w, rows, cols, top, left, 16, spread)
     if layout == "chwn":
-        assert torch.equal(run(pad, x, n), _to_chwn(x, top, left, rows, cols, 16))
+        assert torch.equal(run(pad, x, n), _to_chwn(up, top, left, rows, cols, 16))
         buf = torch.randn(pad.out_shape(n))
         assert torch.equal(run(RelayoutSpec("unpad", "unpad", "chwn", c, h, w, rows, cols, lanes=16), buf, n),
                            _from_chwn(buf, n, h, w))
     else:
         expected = torch.zeros(n, c, rows, cols)  # the frame, and the part of x that lands in it
+        uh, uw = up.shape[-2:]
         ys, xs = max(0, -top), max(0, -left)
-        ye, xe = max(ys, min(h, rows - top)), max(xs, min(w, cols - left))
-        expected[:, :, top + ys:top + ye, left + xs:left + xe] = x[:, :, ys:ye, xs:xe]
+        ye, xe = max(ys, min(uh, rows - top)), max(xs, min(uw, cols - left))
+        expected[:, :, top + ys:top + ye, left + xs:left + xe] = up[:, :, ys:ye, xs:xe]
         assert torch.equal(run(pad, x, n), expected)
-        if top >= 0 and left >= 0 and top + h <= rows and left + w <= cols:
-            assert torch.equal(expected, _pad_to(x, top, left, rows, cols))
+        if top >= 0 and left >= 0 and top + uh <= rows and left + uw <= cols:
+            assert torch.equal(expected, _pad_to(up, top, left, rows, cols))

@@ -245,22 +245,25 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
 
 
 def _relayout(kind: str, spec, channels: int, src_hw: tuple[int, int], frame: tuple[int, int],
-              at: tuple[int, int] = (0, 0)) -> RelayoutSpec:
-    name = "_".join(f"{v}".replace("-", "m") for v in (f"ct_{kind}_{spec.layout}_c{channels}", *src_hw, *frame, *at,
-                                                         f"v{spec.lanes}"))
-    return RelayoutSpec(name, kind, spec.layout, channels, *src_hw, *frame, *at, spec.lanes)
+              at: tuple[int, int] = (0, 0), spread: tuple[int, int] = (1, 1)) -> RelayoutSpec:
+    parts = (f"ct_{kind}_{spec.layout}_c{channels}", *src_hw, *frame, *at, f"v{spec.lanes}")
+    if spread != (1, 1):
+        parts += (f"s{spread[0]}x{spread[1]}",)
+    name = "_".join(f"{v}".replace("-", "m") for v in parts)
+    return RelayoutSpec(name, kind, spec.layout, channels, *src_hw, *frame, *at, spec.lanes, tuple(spread))
 
 
 def plan_relayouts(plan: KernelPlan) -> dict[str, RelayoutSpec]:
     """The copies around the three kernels, by role: each kernel's input frame (the padded
-    input, the padded (zero-inserted, where strided) output gradient, grad-weight's output
+    input, the output gradient zero-inserted (where strided) and padded, grad-weight's output
     gradient and, where it cannot share the forward's, its own padded input) and the chwn
     kernels' outputs back to nchw. Strided forwards' column phases stay with torch."""
     g, fwd, gi, gw = plan.geometry, plan.forward, plan.grad_input, plan.grad_weight
     (sh, sw), (dh, dw), (ph, pw) = g.stride, g.dilation, g.padding
     out_hw, in_hw = (g.out_h, g.out_w), (g.in_h, g.in_w)
-    up_hw = ((g.out_h - 1) * sh + 1, (g.out_w - 1) * sw + 1)
-    roles = {"grad_input_in": _relayout("pad", gi, g.out_channels, up_hw, (gi.in_h, gi.in_w), (2 * dh - ph, 2 * dw - pw)),
+    # the output gradient spread by the stride (zero insertion) and padded, in one copy
+    roles = {"grad_input_in": _relayout("pad", gi, g.out_channels, out_hw, (gi.in_h, gi.in_w), (2 * dh - ph, 2 * dw - pw),
+                                        (sh, sw)),
              "grad_weight_dout": _relayout("pad", gw, g.out_channels, out_hw, (gw.out_h, gw.out_w))}
     if fwd.phases == 1:
         roles["forward_in"] = _relayout("pad", fwd, g.in_channels, in_hw, (fwd.in_h, fwd.in_w), (ph, pw))

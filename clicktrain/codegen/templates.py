@@ -447,6 +447,8 @@ class RelayoutSpec:
     """A copy between an nchw activation ``(n, C, h, w)`` and a kernel's buffer: ``x`` placed at
     (``top``, ``left``) of a zero ``rows x cols`` frame (cropped where it overhangs), in the
     nchw or chwn layout (``pad``), or a chwn buffer's first ``h x w`` back to nchw (``unpad``).
+    With a ``spread`` (sy, sx), pixel (i, j) lands at (top + i*sy, left + j*sx), zeros between:
+    the zero insertion a strided conv's grad-input needs, in the same pass.
     One generated pass: torch's pad fills the frame, then copies with a strided iterator, and a
     permute to or from chwn copies element by element (measured 0.1-0.3 ms per call on the
     main job's layers, more than their kernels)."""
@@ -461,6 +463,7 @@ class RelayoutSpec:
     top: int = 0
     left: int = 0
     lanes: int = 1      # chwn: images per block
+    spread: tuple[int, int] = (1, 1)
 
     def out_shape(self, n: int) -> tuple[int, ...]:
         """The destination's shape for a batch of ``n``."""
@@ -473,8 +476,12 @@ class RelayoutSpec:
     @property
     def window(self) -> tuple[int, int, int, int]:
         """(first row, rows, first column, columns) of ``x`` that land inside the frame."""
-        ys, xs = max(0, -self.top), max(0, -self.left)
-        return ys, max(0, min(self.h, self.rows - self.top) - ys), xs, max(0, min(self.w, self.cols - self.left) - xs)
+        def span(start: int, size: int, frame: int, step: int) -> tuple[int, int]:
+            first = max(0, -(start // step))  # the first pixel at or past the frame's edge
+            last = min(size, (frame - 1 - start) // step + 1) if frame > start else 0
+            return first, max(0, last - first)
+        (ys, nh), (xs, nw) = span(self.top, self.h, self.rows, self.spread[0]), span(self.left, self.w, self.cols, self.spread[1])
+        return ys, nh, xs, nw
 
 
 def _zero_fill(dst: str, extents: list[tuple[str, int]], vector: tuple[str, int] | None, indent: int) -> list[str]:
@@ -498,7 +505,8 @@ def relayout_llvm(s: RelayoutSpec) -> str:
     around the copied window, each element once."""
     C, R, W, V = s.channels, s.rows, s.cols, s.lanes
     ys, nh, xs, nw = s.window
-    y0, x0 = s.top + ys, s.left + xs
+    (sy, sx) = s.spread
+    y0, x0 = s.top + ys * sy, s.left + xs * sx
     head = ["@T.prim_func", f"def {s.name}(inp_h: T.handle, out_h: T.handle):",
             f'    T.func_attr({{"global_symbol": "{s.name}", "tir.noalias": True}})',
             "    n = T.int32()"] + (["    m = T.int32()"] if s.layout == "chwn" else [])
@@ -518,15 +526,19 @@ def relayout_llvm(s: RelayoutSpec) -> str:
             lines += [f"        for v in range({V}):",
                       f"            if bc // {C} * {V} + v < n:",
                       f"                for y, x in T.grid({nh}, {nw}):",
-                      f"                    out[bc // {C}, bc % {C}, y + {y0}, x + {x0}, v] = "
+                      f"                    out[bc // {C}, bc % {C}, y * {sy} + {y0}, x * {sx} + {x0}, v] = "
                       f"inp[bc // {C} * {V} + v, bc % {C}, y + {ys}, x + {xs}]"]
         return "\n".join(lines) + "\n"
     # nchw -> nchw (n, C, R, W): zero rows above, the window's rows (zero, copy, zero), zero rows below
     o = f"out[bc // {C}, bc % {C}"
     lines += [f'    out = T.match_buffer(out_h, (n, {C}, {R}, {W}), "float32")',
               f"    for bc in T.parallel(n * {C}):"]
-    if not (nh and nw):
-        return "\n".join(lines + _zero_fill(f"{o}, y, x]", [("y", R)], ("x", W), 8)) + "\n"
+    if not (nh and nw) or s.spread != (1, 1):  # zero the frame, then scatter the window into it
+        lines += _zero_fill(f"{o}, y, x]", [("y", R)], ("x", W), 8)
+        if nh and nw:
+            lines += [f"        for y, x in T.grid({nh}, {nw}):",
+                      f"            {o}, y * {sy} + {y0}, x * {sx} + {x0}] = inp[bc // {C}, bc % {C}, y + {ys}, x + {xs}]"]
+        return "\n".join(lines) + "\n"
     lines += _zero_fill(f"{o}, y, x]", [("y", y0)], ("x", W), 8)
     lines.append(f"        for y in range({nh}):")
     lines += _zero_fill(f"{o}, y + {y0}, x]", [], ("x", x0), 12)

@@ -175,13 +175,17 @@ class LayerRunner:
                 self.masked(weight), None, list(g.stride), list(g.padding), list(g.dilation), False, [0, 0], 1,
                 [True, False, False])[0]
         (sh, sw), (dh, dw) = g.stride, g.dilation
-        if (sh, sw) != (1, 1):  # zero-insertion turns the strided conv's gradient into a stride-1 one
-            up = dout.new_zeros(*dout.shape[:2], (g.out_h - 1) * sh + 1, (g.out_w - 1) * sw + 1)
-            up[:, :, ::sh, ::sw] = dout
-        else:
-            up = dout
         gi = plan.grad_input
-        upad = self._padded(gi, up, 2 * dh - g.padding[0], 2 * dw - g.padding[1], (gi.in_h, gi.in_w), "grad_input_in")
+        # zero insertion turns the strided conv's gradient into a stride-1 one (the generated
+        # copy spreads and pads in one pass)
+        upad = self._relayout("grad_input_in", dout, dout.shape[0])
+        if upad is None:
+            if (sh, sw) != (1, 1):
+                up = dout.new_zeros(*dout.shape[:2], (g.out_h - 1) * sh + 1, (g.out_w - 1) * sw + 1)
+                up[:, :, ::sh, ::sw] = dout
+            else:
+                up = dout
+            upad = self._padded(gi, up, 2 * dh - g.padding[0], 2 * dw - g.padding[1], (gi.in_h, gi.in_w))
         return self._run_direct(self.kernels.grad_input, plan.grad_input, "grad_input_out", upad, weight,
                                 *map(idx.handle, BWD_INDEX),
                                 idx.bias_zeros(g.in_channels, dout), g.in_channels, dout.shape[0],
