@@ -493,3 +493,19 @@ def test_generated_copies_equal_torchs(case):
         assert torch.equal(run(pad, x, n), expected)
         if top >= 0 and left >= 0 and top + uh <= rows and left + uw <= cols:
             assert torch.equal(expected, _pad_to(up, top, left, rows, cols))
+
+
+@pytest.mark.parametrize("frame", [(9, 17, 1, 1), (8, 16, 1, 2), (7, 9, 0, 0)], ids=["odd-frame", "left-2", "no-pad"])
+def test_generated_column_phases_equal_torchs(frame):
+    """A strided forward's input: padded into the frame and split into two column phases in
+    one generated copy, exactly as torch's pad followed by the phase split."""
+    import tvm
+    from clicktrain.codegen.templates import RelayoutSpec, relayout_llvm
+    from clicktrain.runtime.pattern_conv import _column_phases, _pad_to
+    rows, cols, top, left = frame
+    x = torch.randn(3, 4, 7, 13 if cols > 9 else 9)
+    spec = RelayoutSpec("phases", "pad", "nchw", 4, *x.shape[-2:], rows, cols, top, left, phases=2)
+    func = tvm.compile(tvm.script.from_source(relayout_llvm(spec)), target=resolve_target("llvm").tvm_target)
+    out = torch.full(spec.out_shape(3), float("nan"))
+    func["phases"](tvm.runtime.from_dlpack(x), tvm.runtime.from_dlpack(out))
+    assert torch.equal(out, _column_phases(_pad_to(x, top, left, rows, cols), 2))

@@ -245,19 +245,22 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
 
 
 def _relayout(kind: str, spec, channels: int, src_hw: tuple[int, int], frame: tuple[int, int],
-              at: tuple[int, int] = (0, 0), spread: tuple[int, int] = (1, 1)) -> RelayoutSpec:
+              at: tuple[int, int] = (0, 0), spread: tuple[int, int] = (1, 1), phases: int = 1) -> RelayoutSpec:
     parts = (f"ct_{kind}_{spec.layout}_c{channels}", *src_hw, *frame, *at, f"v{spec.lanes}")
     if spread != (1, 1):
         parts += (f"s{spread[0]}x{spread[1]}",)
+    if phases > 1:
+        parts += (f"ph{phases}",)
     name = "_".join(f"{v}".replace("-", "m") for v in parts)
-    return RelayoutSpec(name, kind, spec.layout, channels, *src_hw, *frame, *at, spec.lanes, tuple(spread))
+    return RelayoutSpec(name, kind, spec.layout, channels, *src_hw, *frame, *at, spec.lanes, tuple(spread), phases)
 
 
 def plan_relayouts(plan: KernelPlan) -> dict[str, RelayoutSpec]:
     """The copies around the three kernels, by role: each kernel's input frame (the padded
     input, the output gradient zero-inserted (where strided) and padded, grad-weight's output
     gradient and, where it cannot share the forward's, its own padded input) and the chwn
-    kernels' outputs back to nchw. Strided forwards' column phases stay with torch."""
+    kernels' outputs back to nchw. A strided nchw forward's input comes split into its column
+    phases, in the same copy."""
     g, fwd, gi, gw = plan.geometry, plan.forward, plan.grad_input, plan.grad_weight
     (sh, sw), (dh, dw), (ph, pw) = g.stride, g.dilation, g.padding
     out_hw, in_hw = (g.out_h, g.out_w), (g.in_h, g.in_w)
@@ -265,8 +268,8 @@ def plan_relayouts(plan: KernelPlan) -> dict[str, RelayoutSpec]:
     roles = {"grad_input_in": _relayout("pad", gi, g.out_channels, out_hw, (gi.in_h, gi.in_w), (2 * dh - ph, 2 * dw - pw),
                                         (sh, sw)),
              "grad_weight_dout": _relayout("pad", gw, g.out_channels, out_hw, (gw.out_h, gw.out_w))}
-    if fwd.phases == 1:
-        roles["forward_in"] = _relayout("pad", fwd, g.in_channels, in_hw, (fwd.in_h, fwd.in_w), (ph, pw))
+    roles["forward_in"] = _relayout("pad", fwd, g.in_channels, in_hw, (fwd.in_h, fwd.in_w), (ph, pw),
+                                    phases=fwd.phases)
     if not plan.grad_weight_reads_forward_input:
         roles["grad_weight_in"] = _relayout("pad", gw, g.in_channels, in_hw, (gw.in_h, gw.in_w), (ph, pw))
     if fwd.layout == "chwn":

@@ -448,7 +448,9 @@ class RelayoutSpec:
     (``top``, ``left``) of a zero ``rows x cols`` frame (cropped where it overhangs), in the
     nchw or chwn layout (``pad``), or a chwn buffer's first ``h x w`` back to nchw (``unpad``).
     With a ``spread`` (sy, sx), pixel (i, j) lands at (top + i*sy, left + j*sx), zeros between:
-    the zero insertion a strided conv's grad-input needs, in the same pass.
+    the zero insertion a strided conv's grad-input needs, in the same pass. With ``phases`` P
+    (nchw), the frame is stored split into its P column phases, ``(P, n, C, rows, ceil(cols /
+    P))``, phase p holding frame columns p, p + P, ... (a strided forward's input).
     One generated pass: torch's pad fills the frame, then copies with a strided iterator, and a
     permute to or from chwn copies element by element (measured 0.1-0.3 ms per call on the
     main job's layers, more than their kernels)."""
@@ -464,6 +466,7 @@ class RelayoutSpec:
     left: int = 0
     lanes: int = 1      # chwn: images per block
     spread: tuple[int, int] = (1, 1)
+    phases: int = 1
 
     def out_shape(self, n: int) -> tuple[int, ...]:
         """The destination's shape for a batch of ``n``."""
@@ -471,6 +474,8 @@ class RelayoutSpec:
             return (n, self.channels, self.h, self.w)
         if self.layout == "chwn":
             return (-(-n // self.lanes), self.channels, self.rows, self.cols, self.lanes)
+        if self.phases > 1:
+            return (self.phases, n, self.channels, self.rows, -(-self.cols // self.phases))
         return (n, self.channels, self.rows, self.cols)
 
     @property
@@ -530,6 +535,8 @@ def relayout_llvm(s: RelayoutSpec) -> str:
                       f"inp[bc // {C} * {V} + v, bc % {C}, y + {ys}, x + {xs}]"]
         return "\n".join(lines) + "\n"
     # nchw -> nchw (n, C, R, W): zero rows above, the window's rows (zero, copy, zero), zero rows below
+    if s.phases > 1:
+        return "\n".join(lines + _column_phases_llvm(s)) + "\n"
     o = f"out[bc // {C}, bc % {C}"
     lines += [f'    out = T.match_buffer(out_h, (n, {C}, {R}, {W}), "float32")',
               f"    for bc in T.parallel(n * {C}):"]
@@ -547,3 +554,23 @@ def relayout_llvm(s: RelayoutSpec) -> str:
     lines += _zero_fill(f"{o}, y + {y0}, x + {x0 + nw}]", [], ("x", W - x0 - nw), 12)
     lines += _zero_fill(f"{o}, y + {y0 + nh}, x]", [("y", R - y0 - nh)], ("x", W), 8)
     return "\n".join(lines) + "\n"
+
+
+def _column_phases_llvm(s: RelayoutSpec) -> list[str]:
+    """The body of a ``phases`` copy: zero every phase's frame, then per phase p copy the source
+    columns that land on frame columns p, p + P, ... (a strided read, a contiguous write)."""
+    C, R, P = s.channels, s.rows, s.phases
+    width = -(-s.cols // P)
+    ys, nh, _, _ = s.window
+    y0 = s.top + ys
+    lines = [f'    out = T.match_buffer(out_h, ({P}, n, {C}, {R}, {width}), "float32")',
+             f"    for bc in T.parallel(n * {C}):"]
+    lines += _zero_fill(f"out[p, bc // {C}, bc % {C}, y, x]", [("p", P), ("y", R)], ("x", width), 8)
+    for p in range(P):
+        first = max(0, -(-(s.left - p) // P))  # phase column t holds frame column t*P + p = source t*P + p - left
+        end = min((s.w - 1 + s.left - p) // P + 1, (s.cols - 1 - p) // P + 1)
+        if nh and end > first:
+            lines += [f"        for y, t in T.grid({nh}, {end - first}):",
+                      f"            out[{p}, bc // {C}, bc % {C}, y + {y0}, t + {first}] = "
+                      f"inp[bc // {C}, bc % {C}, y + {ys}, t * {P} + {first * P + p - s.left}]"]
+    return lines
