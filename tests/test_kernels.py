@@ -94,6 +94,20 @@ def check_against_masked_dense_conv(case):
         assert rel_err(bias.grad, b_ref.grad) < 1e-4
 
 
+@pytest.mark.parametrize("lanes", [8, 4], ids=["avx2-width", "sse-width"])
+def test_narrower_vectors_match_masked_dense_conv(lanes, monkeypatch):
+    """Machines differ (AVX2-only ones have 8 float lanes): the kernels planned for narrower
+    vectors (other tiles, chwn blocks of 8 or 4 images, other layout choices) still equal
+    the masked dense conv. Runs them on this CPU, which executes narrower vectors too."""
+    import dataclasses
+    import clicktrain.codegen.target as target_module
+    real = target_module.resolve_target("llvm")
+    narrow = dataclasses.replace(real, simd_lanes=lanes, description=f"{real.description} lanes={lanes}")
+    monkeypatch.setattr(target_module, "resolve_target", lambda name: narrow if name == "llvm" else real)
+    for case in [GRID[1], GRID[6], GRID[8], GRID[9], (3, 12, 20, 8, 8, 1, 1, 1, 0.3, True)]:
+        check_against_masked_dense_conv(case)
+
+
 def test_chwn_kernels_in_channel_blocks_match_masked_dense_conv(monkeypatch):
     """Channel blocks of 1-2 channels (the budget shrunk to force them), a last block short,
     filter groups not dividing the rows: forward and grad-input (both chwn) still equal the
