@@ -108,18 +108,21 @@ def test_narrower_vectors_match_masked_dense_conv(lanes, monkeypatch):
         check_against_masked_dense_conv(case)
 
 
-def test_chwn_kernels_in_channel_blocks_match_masked_dense_conv(monkeypatch):
+@pytest.mark.parametrize("batch_inner", [False, True], ids=["rows-first", "images-first"])
+def test_chwn_kernels_in_channel_blocks_match_masked_dense_conv(batch_inner, monkeypatch):
     """Channel blocks of 1-2 channels (the budget shrunk to force them), a last block short,
-    filter groups not dividing the rows: forward and grad-input (both chwn) still equal the
-    masked dense conv."""
+    filter groups not dividing the rows, three blocks of images taken in either task order:
+    forward and grad-input (both chwn) still equal the masked dense conv."""
     import clicktrain.codegen.kernels as K
     monkeypatch.setattr(K, "CHWN_BLOCK_BYTES", 2 * 6 * 6 * 16 * 4)
+    monkeypatch.setattr(K, "CHWN_WEIGHT_BYTES", 0 if batch_inner else 1 << 40)
     plan = K.plan_kernels(K.ConvGeometry(5, 11, 4, 4, (1, 1), (1, 1), (1, 1)), ct.patterns.fixed_library(4, 4),
                           resolve_target("llvm"))
     assert plan.forward.layout == plan.grad_input.layout == "chwn"
     assert plan.forward.channel_blocks > 1 and plan.grad_input.channel_blocks > 1
     assert plan.forward.dst_channels % plan.forward.filter_block
-    check_against_masked_dense_conv((3, 5, 11, 4, 4, 1, 1, 1, 0.3, True))
+    assert plan.forward.batch_inner == plan.grad_input.batch_inner == batch_inner
+    check_against_masked_dense_conv((33, 5, 11, 4, 4, 1, 1, 1, 0.3, True))
 
 
 def test_channel_blocks_order_each_rows_kernels_by_block_then_pattern():

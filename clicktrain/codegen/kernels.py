@@ -139,15 +139,24 @@ def choose_chwn_rows(height: int, width: int) -> int:
 
 CHWN_BLOCK_BYTES = 96 * 1024  # a chwn task's block of source channels (one batch block's input), kept in L2
 CHWN_TASKS_PER_BATCH_BLOCK = 8  # output-row groups per batch block: tasks for the cores, each a run of rows
+CHWN_WEIGHT_BYTES = 768 * 1024  # a row group's weights beyond this: tasks walk the batch blocks first
 
 
-def chwn_blocks(src_channels: int, dst_channels: int, in_h: int, in_w: int, lanes: int) -> tuple[int, int]:
-    """(source channels per block, output rows per task) of a chwn direct conv. Measured on a
-    512-channel 4x4 layer (docs/performance.md): unblocked, each output row re-read its
-    images' whole input (~1 MB, from memory), and the kernel ran at a third of dense."""
+def chwn_blocks(src_channels: int, dst_channels: int, in_h: int, in_w: int, lanes: int,
+                strided_weights: bool = False) -> tuple[int, int, bool]:
+    """(source channels per block, output rows per task, batch blocks innermost) of a chwn
+    direct conv. Measured on a 512-channel 4x4 layer (docs/performance.md): unblocked, each
+    output row re-read its images' whole input (~1 MB, from memory), and the kernel ran at a
+    third of dense. A task group's weights (a 3x3 kernel each: 36 bytes, or a cache line
+    where the kernel reads them one filter apart, as grad-input does) that outgrow L2 are
+    better reused across the blocks of images than the input across the groups: 512-channel
+    4x4 grad-input 0.54x -> 0.83x of dense, 2x2 forward 0.52x -> 0.78x, while layers with
+    small groups lost a little that way (128-channel 4x4 forward 1.39x -> 1.25x)."""
     per_channel = in_h * in_w * lanes * 4
     block = max(1, CHWN_BLOCK_BYTES // per_channel)
-    return (0 if block >= src_channels else block), -(-dst_channels // CHWN_TASKS_PER_BATCH_BLOCK)
+    rows = -(-dst_channels // CHWN_TASKS_PER_BATCH_BLOCK)
+    weights = rows * src_channels * (64 if strided_weights else 36)
+    return (0 if block >= src_channels else block), rows, weights > CHWN_WEIGHT_BYTES
 
 
 def _tile(layout: str, height: int, width: int, target: KernelTarget, cuda: bool) -> tuple[int, int, int, int]:
@@ -216,18 +225,20 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     # widx, docs/performance.md); fwd rows are filters (stride C*9), grad-input rows channels
     positions = () if cuda else tuple(tuple(3 * dy + dx for dy, dx in pattern_offsets(p)) for p in library)
     C9 = geom.in_channels * 9
-    fwd_blocks = chwn_blocks(geom.in_channels, geom.out_channels, *fwd_in, lanes_f) if fwd_layout == "chwn" else (0, 1)
-    gi_blocks = chwn_blocks(geom.out_channels, geom.in_channels, *gi_in, lanes_g) if gi_layout == "chwn" else (0, 1)
+    fwd_blocks = chwn_blocks(geom.in_channels, geom.out_channels, *fwd_in, lanes_f) if fwd_layout == "chwn" \
+        else (0, 1, False)
+    gi_blocks = chwn_blocks(geom.out_channels, geom.in_channels, *gi_in, lanes_g, strided_weights=True) \
+        if gi_layout == "chwn" else (0, 1, False)
     forward = DirectConvSpec(f"ct_fwd_{fwd_layout}_{tag}", geom.in_channels, geom.out_channels, fwd_in[0], fwd_in[1],
                              oh, ow, geom.stride, fwd_offsets, rows_f, lanes_f, bias=True, layout=fwd_layout,
                              stored=fwd_stored, positions=positions, strides=(C9, 9),
                              # strided rows read column phases: measured 1.4-2.3x faster forward
                              phases=sw if fwd_layout == "nchw" and not cuda else 1,
-                             channel_block=fwd_blocks[0], filter_block=fwd_blocks[1])
+                             channel_block=fwd_blocks[0], filter_block=fwd_blocks[1], batch_inner=fwd_blocks[2])
     grad_input = DirectConvSpec(f"ct_dgrad_{gi_layout}_{tag}", geom.out_channels, geom.in_channels, gi_in[0], gi_in[1],
                                 ih, iw, (1, 1), flipped, rows_g, lanes_g, bias=False, layout=gi_layout,
                                 stored=gi_stored, positions=positions, strides=(9, C9),
-                                channel_block=gi_blocks[0], filter_block=gi_blocks[1])
+                                channel_block=gi_blocks[0], filter_block=gi_blocks[1], batch_inner=gi_blocks[2])
     # grad-weight reads the forward's padded input when their layouts agree; otherwise its own copy
     if gw_layout == "chwn":
         gw_lanes, gw_w = target.simd_lanes, geom.out_w

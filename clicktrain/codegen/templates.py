@@ -70,6 +70,9 @@ class DirectConvSpec:
     # block of a batch block's input stays in cache for all the task's rows
     channel_block: int = 0
     filter_block: int = 1
+    # chwn: consecutive tasks take the same output rows for the next block of images (instead
+    # of the next rows for the same images), so a group's weights are reused from cache
+    batch_inner: bool = False
 
     @property
     def channel_blocks(self) -> int:
@@ -226,7 +229,10 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
     O, R, V, FB = s.dst_channels, s.rows, s.lanes, s.filter_block
     P, B = len(s.offsets), s.channel_blocks
     groups = -(-O // FB)
-    f, images = f"bf % {groups} * {FB} + fi", f"bf // {groups}"
+    if s.batch_inner:  # n: blocks of images
+        f, images = f"bf // n * {FB} + fi", "bf % n"
+    else:
+        f, images = f"bf % {groups} * {FB} + fi", f"bf // {groups}"
     init = f"bias[perm[{f}]]" if s.bias else "T.float32(0)"
 
     def out(r: int) -> str:
