@@ -117,7 +117,9 @@ class LayerRunner:
 
     def _padded(self, spec, x, top, left, extent, role: str = ""):
         """A kernel's input buffer: ``x`` padded to ``extent``, in the kernel's layout (by the
-        generated copy of ``role`` where there is one)."""
+        generated copy of ``role`` where there is one: always on llvm; torch's copies below
+        serve CUDA's nchw padding and are the reference the generated copies are tested
+        against)."""
         copied = self._relayout(role, x, x.shape[0]) if role else None
         if copied is not None:
             return copied
