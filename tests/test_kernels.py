@@ -108,6 +108,18 @@ def test_narrower_vectors_match_masked_dense_conv(lanes, monkeypatch):
         check_against_masked_dense_conv(case)
 
 
+def test_grad_input_on_gathered_weights_matches_masked_dense_conv(monkeypatch):
+    """Wide layers' grad-input reads its kept weights gathered in its own order; forced on
+    small layers here (nchw, chwn, strided), it still equals the masked dense conv."""
+    import clicktrain.codegen.kernels as K
+    monkeypatch.setattr(K, "GATHER_GRAD_INPUT_WEIGHTS", 0)
+    plan = K.plan_kernels(K.ConvGeometry(5, 7, 9, 9, (1, 1), (1, 1), (1, 1)), ct.patterns.fixed_library(4, 4),
+                          resolve_target("llvm"))
+    assert plan.grad_input.gathered_weight and not plan.forward.gathered_weight
+    for case in [GRID[1], GRID[6], GRID[10], (2, 9, 6, 12, 12, 1, 1, 1, 0.5, False)]:
+        check_against_masked_dense_conv(case)
+
+
 @pytest.mark.parametrize("batch_inner", [False, True], ids=["rows-first", "images-first"])
 def test_chwn_kernels_in_channel_blocks_match_masked_dense_conv(batch_inner, monkeypatch):
     """Channel blocks of 1-2 channels (the budget shrunk to force them), a last block short,

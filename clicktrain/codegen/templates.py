@@ -73,6 +73,10 @@ class DirectConvSpec:
     # chwn: consecutive tasks take the same output rows for the next block of images (instead
     # of the next rows for the same images), so a group's weights are reused from cache
     batch_inner: bool = False
+    # CPU grad-input of a wide layer: the kept weights come gathered in the kernel's own order,
+    # (kept kernels, k), by ``gather_weights_llvm`` (its rows' weights are one filter apart in
+    # the dense weight)
+    gathered_weight: bool = False
 
     @property
     def channel_blocks(self) -> int:
@@ -152,7 +156,7 @@ def _direct_buffers(s: DirectConvSpec) -> list[str]:
     P = len(s.offsets)
     return [
         f'    inp = T.match_buffer(inp_h, {s.input_shape}, "float32")',
-        f'    w = T.match_buffer(w_h, ({s.weight_size},), "float32")',
+        f'    w = T.match_buffer(w_h, {f"(kk, {s.k})" if s.gathered_weight else f"({s.weight_size},)"}, "float32")',
         f'    widx = T.match_buffer(widx_h, (kk, {s.k}), "int32")',
         f'    ptr = T.match_buffer(ptr_h, ({s.dst_channels}, {s.channel_blocks * (P + 1)}), "int32")',
         f'    src = T.match_buffer(src_h, (kk,), "int32")',
@@ -163,8 +167,11 @@ def _direct_buffers(s: DirectConvSpec) -> list[str]:
 
 
 def _weight(s: DirectConvSpec, p: int, t: int, row: str) -> str:
-    """Weight ``t`` of kept kernel ``j`` (pattern ``p``) of output row ``row``: at a computed
-    address where the spec has the patterns' positions, else through ``widx``."""
+    """Weight ``t`` of kept kernel ``j`` (pattern ``p``) of output row ``row``: gathered in the
+    kernel's order, or at a computed address where the spec has the patterns' positions, else
+    through ``widx``."""
+    if s.gathered_weight:
+        return f"w[j, {t}]"
     if s.positions:
         return f"w[perm[{row}] * {s.strides[0]} + src[j] * {s.strides[1]} + {s.positions[p][t]}]"
     return f"w[widx[j, {t}]]"
@@ -580,3 +587,17 @@ def _column_phases_llvm(s: RelayoutSpec) -> list[str]:
                       f"            out[{p}, bc // {C}, bc % {C}, y + {y0}, t + {first}] = "
                       f"inp[bc // {C}, bc % {C}, y + {ys}, t * {P} + {first * P + p - s.left}]"]
     return lines
+
+
+def gather_weights_llvm(name: str, k: int) -> str:
+    """``out[j, t] = w[widx[j, t]]``: the kept weights of a layer in a kernel's order, one pass."""
+    return "\n".join([
+        "@T.prim_func", f"def {name}(w_h: T.handle, widx_h: T.handle, out_h: T.handle):",
+        f'    T.func_attr({{"global_symbol": "{name}", "tir.noalias": True}})',
+        "    kk = T.int32()", "    m = T.int32()",
+        '    w = T.match_buffer(w_h, (m,), "float32")',
+        f'    widx = T.match_buffer(widx_h, (kk, {k}), "int32")',
+        f'    out = T.match_buffer(out_h, (kk, {k}), "float32")',
+        "    for j in T.parallel(kk):",
+        f"        for t in T.unroll({k}):",
+        "            out[j, t] = w[widx[j, t]]"]) + "\n"

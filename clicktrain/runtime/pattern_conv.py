@@ -142,7 +142,13 @@ class LayerRunner:
         """Run a direct-conv kernel (forward or grad-input) on its padded input, reading the
         dense ``weight``; the result as ``(batch, channels, h, w)``, whatever the kernel's
         layout (a chwn result copied back by the generated copy of ``role``)."""
-        weight = weight.detach().reshape(-1)
+        weight = weight.detach()
+        if spec.gathered_weight:  # the kept weights in this kernel's order, (kept kernels, k)
+            gathered = torch.empty(widx.shape[0], spec.k, device=weight.device)
+            _call(self.kernels.relayouts["gather_weights"], weight.reshape(-1), widx, gathered)
+            weight = gathered
+        else:
+            weight = weight.reshape(-1)
         if spec.layout == "chwn":
             out = torch.empty(xpad.shape[0], channels, spec.out_h, spec.out_w, spec.lanes, device=xpad.device)
             _call(func, xpad, weight, widx, ptr, src, perm, bias, out)
