@@ -482,6 +482,39 @@ def test_strided_forward_reads_column_phases():
     assert "inp[1, bf // 16, src[j], (yt" in source and f"xt * {fwd.lanes} + v + 1]" in source
 
 
+def expected_chwn(x: torch.Tensor, top: int, left: int, rows: int, cols: int, lanes: int) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(ceil(N / lanes), C, rows, cols, lanes)`` with ``x`` at (top, left)
+    (cropped where it overhangs), zeros around it and past the batch: the chwn kernels' layout
+    (``templates._activation``), written with torch: what the generated copy must give."""
+    n, c, h, w = x.shape
+    full, rest = divmod(n, lanes)
+    buf = x.new_zeros(full + bool(rest), c, rows, cols, lanes, dtype=torch.float32)
+    ys, ye, xs, xe = max(0, -top), min(h, rows - top), max(0, -left), min(w, cols - left)
+    src, window = x[:, :, ys:ye, xs:xe], (slice(None), slice(top + ys, top + ye), slice(left + xs, left + xe))
+    if full:
+        buf[(slice(0, full), *window)] = src[:full * lanes].reshape(full, lanes, c, ye - ys, xe - xs).permute(0, 2, 3, 4, 1)
+    if rest:
+        buf[(full, *window, slice(0, rest))] = src[full * lanes:].permute(1, 2, 3, 0)
+    return buf
+
+
+def expected_column_phases(xpad: torch.Tensor, phases: int) -> torch.Tensor:
+    """``(phases, N, C, H, ceil(W / phases))``: phase ``p`` holds columns ``p, p + phases, ...``
+    (zero past the end), so a strided conv's row reads contiguous memory."""
+    width = -(-xpad.shape[-1] // phases)
+    buf = xpad.new_zeros(phases, *xpad.shape[:-1], width)
+    for p in range(phases):
+        cols = xpad[..., p::phases]
+        buf[p, ..., :cols.shape[-1]] = cols
+    return buf
+
+
+def expected_from_chwn(buf: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """The first ``n`` images of a chwn buffer, cropped to ``h x w``, as ``(n, C, h, w)``."""
+    blocks, c, _, _, lanes = buf.shape
+    return buf[:, :, :h, :w].permute(0, 4, 1, 2, 3).reshape(blocks * lanes, c, h, w)[:n]
+
+
 @pytest.mark.parametrize("case", [(17, 5, 3, 2, 5, 4, 1, 1, "chwn"), (3, 4, 5, 6, 4, 4, -1, -1, "nchw"),
                                   (2, 3, 7, 7, 9, 16, 1, 1, "nchw"), (5, 3, 4, 4, 4, 4, 0, 0, "chwn"),
                                   (2, 3, 2, 2, 3, 3, 3, 3, "nchw"), (2, 3, 4, 3, 10, 8, 1, -1, "nchw", (2, 3)),
@@ -495,7 +528,7 @@ def test_generated_copies_equal_torchs(case):
     part empty."""
     import tvm
     from clicktrain.codegen.templates import RelayoutSpec, relayout_llvm
-    from clicktrain.runtime.pattern_conv import _from_chwn, _pad_to, _to_chwn
+    from clicktrain.runtime.pattern_conv import _pad_to
     n, c, h, w, rows, cols, top, left, layout, *spread = case
     spread = tuple(spread[0]) if spread else (1, 1)
     x = torch.randn(n, c, h, w)
@@ -509,10 +542,10 @@ def test_generated_copies_equal_torchs(case):
         return out
     pad = RelayoutSpec("pad", "pad", layout, c, h, w, rows, cols, top, left, 16, spread)
     if layout == "chwn":
-        assert torch.equal(run(pad, x, n), _to_chwn(up, top, left, rows, cols, 16))
+        assert torch.equal(run(pad, x, n), expected_chwn(up, top, left, rows, cols, 16))
         buf = torch.randn(pad.out_shape(n))
         assert torch.equal(run(RelayoutSpec("unpad", "unpad", "chwn", c, h, w, rows, cols, lanes=16), buf, n),
-                           _from_chwn(buf, n, h, w))
+                           expected_from_chwn(buf, n, h, w))
     else:
         expected = torch.zeros(n, c, rows, cols)  # the frame, and the part of x that lands in it
         uh, uw = up.shape[-2:]
@@ -530,11 +563,11 @@ def test_generated_column_phases_equal_torchs(frame):
     one generated copy, exactly as torch's pad followed by the phase split."""
     import tvm
     from clicktrain.codegen.templates import RelayoutSpec, relayout_llvm
-    from clicktrain.runtime.pattern_conv import _column_phases, _pad_to
+    from clicktrain.runtime.pattern_conv import _pad_to
     rows, cols, top, left = frame
     x = torch.randn(3, 4, 7, 13 if cols > 9 else 9)
     spec = RelayoutSpec("phases", "pad", "nchw", 4, *x.shape[-2:], rows, cols, top, left, phases=2)
     func = tvm.compile(tvm.script.from_source(relayout_llvm(spec)), target=resolve_target("llvm").tvm_target)
     out = torch.full(spec.out_shape(3), float("nan"))
     func["phases"](tvm.runtime.from_dlpack(x), tvm.runtime.from_dlpack(out))
-    assert torch.equal(out, _column_phases(_pad_to(x, top, left, rows, cols), 2))
+    assert torch.equal(out, expected_column_phases(_pad_to(x, top, left, rows, cols), 2))

@@ -323,6 +323,7 @@ class LayerKernels:
     compile_seconds: float = 0.0
     cache_hits: int = 0
     relayouts: dict = field(default_factory=dict)  # role -> compiled copy (plan.relayouts)
+    gather_weights: object = None  # grad-input's weight gather, where plan.grad_input.gathered_weight
 
     @classmethod
     def build(cls, geom: ConvGeometry, library: torch.Tensor, target: KernelTarget) -> "LayerKernels":
@@ -342,14 +343,17 @@ class LayerKernels:
             funcs.append(module[spec.name] if runnable else None)
         kernels.forward, kernels.grad_input, kernels.grad_weight = funcs
         kernels._modules = modules
+        gather = gather_name(plan.grad_input.k)
         if plan.grad_input.gathered_weight:
-            name = gather_name(plan.grad_input.k)
-            copies["gather_weights"] = start_compile(name, sources[name], target)
+            copies[gather] = start_compile(gather, sources[gather], target)
         for role, result in copies.items():
             module, seconds, hit = result()
             kernels.compile_seconds += seconds
             kernels.cache_hits += int(hit)
-            kernels.relayouts[role] = module[plan.relayouts[role].name if role in plan.relayouts else gather_name(plan.grad_input.k)]
+            if role == gather:
+                kernels.gather_weights = module[gather]
+            else:
+                kernels.relayouts[role] = module[plan.relayouts[role].name]
         return kernels
 
     def source_hash(self) -> str:

@@ -47,39 +47,6 @@ def _pad_to(x: torch.Tensor, top: int, left: int, rows: int, cols: int) -> torch
     return x.contiguous() if not any(pads) else F.pad(x, pads).contiguous()  # F.pad would copy even then
 
 
-def _to_chwn(x: torch.Tensor, top: int, left: int, rows: int, cols: int, lanes: int) -> torch.Tensor:
-    """``(N, C, H, W)`` -> ``(ceil(N / lanes), C, rows, cols, lanes)`` with ``x`` at (top, left)
-    (cropped where it overhangs), zeros around it and past the batch: the chwn kernels' layout
-    (``templates._activation``), in one copy."""
-    n, c, h, w = x.shape
-    full, rest = divmod(n, lanes)
-    buf = x.new_zeros(full + bool(rest), c, rows, cols, lanes, dtype=torch.float32)
-    ys, ye, xs, xe = max(0, -top), min(h, rows - top), max(0, -left), min(w, cols - left)
-    src, window = x[:, :, ys:ye, xs:xe], (slice(None), slice(top + ys, top + ye), slice(left + xs, left + xe))
-    if full:
-        buf[(slice(0, full), *window)] = src[:full * lanes].reshape(full, lanes, c, ye - ys, xe - xs).permute(0, 2, 3, 4, 1)
-    if rest:
-        buf[(full, *window, slice(0, rest))] = src[full * lanes:].permute(1, 2, 3, 0)
-    return buf
-
-
-def _column_phases(xpad: torch.Tensor, phases: int) -> torch.Tensor:
-    """``(phases, N, C, H, ceil(W / phases))``: phase ``p`` holds columns ``p, p + phases, ...``
-    (zero past the end), so a strided conv's row reads contiguous memory."""
-    width = -(-xpad.shape[-1] // phases)
-    buf = xpad.new_zeros(phases, *xpad.shape[:-1], width)
-    for p in range(phases):
-        cols = xpad[..., p::phases]
-        buf[p, ..., :cols.shape[-1]] = cols
-    return buf
-
-
-def _from_chwn(buf: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
-    """The first ``n`` images of a chwn buffer, cropped to ``h x w``, as ``(n, C, h, w)``."""
-    blocks, c, _, _, lanes = buf.shape
-    return buf[:, :, :h, :w].permute(0, 4, 1, 2, 3).reshape(blocks * lanes, c, h, w)[:n]
-
-
 KINDS = ("forward", "grad_input", "grad_weight")
 # the LayerIndex arrays each kernel takes, in its parameter order (templates.DIRECT_PARAMS, GRAD_WEIGHT_PARAMS);
 # widx is read by the CUDA kernels only (CPU kernels compute each weight's address)
@@ -116,17 +83,13 @@ class LayerRunner:
         return out
 
     def _padded(self, spec, x, top, left, extent, role: str = ""):
-        """A kernel's input buffer: ``x`` padded to ``extent``, in the kernel's layout (by the
-        generated copy of ``role`` where there is one: always on llvm; torch's copies below
-        serve CUDA's nchw padding and are the reference the generated copies are tested
-        against)."""
+        """A kernel's input buffer: ``x`` padded to ``extent``, in the kernel's layout, by the
+        generated copy of ``role`` (every llvm plan has one for each role); CUDA's plans have
+        none and their nchw frames are padded by torch."""
         copied = self._relayout(role, x, x.shape[0]) if role else None
         if copied is not None:
             return copied
-        if spec.layout == "chwn":
-            return _to_chwn(x, top, left, *extent, spec.lanes)
-        if getattr(spec, "phases", 1) > 1:
-            return _column_phases(_pad_to(x.float(), top, left, *extent), spec.phases)
+        assert spec.layout == "nchw" and getattr(spec, "phases", 1) == 1, "chwn and phases are llvm-only"
         return _pad_to(x.float(), top, left, *extent)
 
     def pad_input(self, x, spec=None):
@@ -145,15 +108,14 @@ class LayerRunner:
         weight = weight.detach()
         if spec.gathered_weight:  # the kept weights in this kernel's order, (kept kernels, k)
             gathered = torch.empty(widx.shape[0], spec.k, device=weight.device)
-            _call(self.kernels.relayouts["gather_weights"], weight.reshape(-1), widx, gathered)
+            _call(self.kernels.gather_weights, weight.reshape(-1), widx, gathered)
             weight = gathered
         else:
             weight = weight.reshape(-1)
         if spec.layout == "chwn":
             out = torch.empty(xpad.shape[0], channels, spec.out_h, spec.out_w, spec.lanes, device=xpad.device)
             _call(func, xpad, weight, widx, ptr, src, perm, bias, out)
-            copied = self._relayout(role, out, batch)
-            return copied if copied is not None else _from_chwn(out, batch, h, w)
+            return self._relayout(role, out, batch)  # chwn is llvm-only: its plan has the copy back
         assert spec.out_extent == (h, w), "an nchw kernel stores the true-size output (plan_kernels)"
         out = torch.empty(batch, channels, h, w, device=xpad.device)
         _call(func, xpad, weight, widx, ptr, src, perm, bias, out)
