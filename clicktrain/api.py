@@ -98,7 +98,7 @@ def select_patterns(model: fx.GraphModule, importance: Mapping[str, torch.Tensor
         if not 0 <= ratio < 1:
             raise ConfigError(f"connectivity for '{name}' must be in [0, 1), got {ratio}")
     for layer in layers:
-        ids = assign_patterns(scores[layer.site.name], library, ratios.get(layer.site.name, default))
+        ids = assign_patterns(scores[layer.site.name], library, ratios.get(layer.site.name, default), cfg.pattern_block)
         layer.mask.assign(library, ids.to(layer.mask.pattern_ids.device))
         layer.mask.phase = Phase.SELECTED
     if state.dump is not None:

@@ -21,6 +21,12 @@ class PruneConfig:
     skip:            qualified names (or fnmatch globs) of convs to keep dense, e.g.
                      ``("features.0", "layer3.*")``; a functional conv is named by
                      its weight parameter's qualified name.
+    pattern_block:   (filters, input channels): kernels in blocks of this shape share one
+                     pattern and are dropped together. (1, 1), the default, is ClickTrain's
+                     per-kernel granularity; coarser blocks let the generated kernels share
+                     input loads across a block's rows (forward: filters, grad-input:
+                     channels), at some accuracy cost (docs/results.md, docs/performance.md).
+                     Also accepted as a string, ``"2x2"``.
     """
 
     pattern_nnz: int = 4
@@ -28,8 +34,10 @@ class PruneConfig:
     connectivity: float = 0.0
     skip_first_conv: bool = True
     skip: tuple[str, ...] = field(default_factory=tuple)
+    pattern_block: tuple[int, int] = (1, 1)
 
     def __post_init__(self):
+        object.__setattr__(self, "pattern_block", parse_pattern_block(self.pattern_block))
         if isinstance(self.skip, str):
             # A lone string would be iterated character by character: be explicit.
             object.__setattr__(self, "skip", (self.skip,))
@@ -51,3 +59,23 @@ class PruneConfig:
                 f"must be in [0, 1), got {c!r}")
         if not all(isinstance(s, str) and s for s in self.skip):
             raise ConfigError(f"PruneConfig.skip must be a tuple of module names, got {self.skip!r}")
+
+
+MAX_PATTERN_BLOCK = 64
+
+
+def parse_pattern_block(block) -> tuple[int, int]:
+    """``(filters, channels)`` from a pair of ints or a ``"FxC"`` string, validated."""
+    text = block
+    if isinstance(block, str):
+        parts = block.lower().split("x")
+        try:
+            block = tuple(int(p) for p in parts)
+        except ValueError:
+            block = ()
+    ok = (isinstance(block, (tuple, list)) and len(block) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_PATTERN_BLOCK for v in block))
+    if not ok:
+        raise ConfigError(f"PruneConfig.pattern_block must be (filters, input channels), each 1..{MAX_PATTERN_BLOCK}, "
+                          f"as a pair or a string like '2x2'; got {text!r}")
+    return tuple(block)

@@ -20,12 +20,12 @@ from clicktrain.runtime.selection import assign_patterns, generate_library
 from test_zoo import assert_pattern_invariant
 
 
-def hardened_conv(out_c, in_c, stride, padding, dilation, connectivity, seed=0, k=4, n_patterns=8):
+def hardened_conv(out_c, in_c, stride, padding, dilation, connectivity, seed=0, k=4, n_patterns=8, block=(1, 1)):
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_c, in_c, 3, 3, generator=g)
     library = generate_library({"w": weight ** 2}, k, n_patterns)
     mask = PatternMask("w", out_c, in_c, k, n_patterns)
-    mask.assign(library, assign_patterns(weight ** 2, library, connectivity))
+    mask.assign(library, assign_patterns(weight ** 2, library, connectivity, block))
     mask.phase = Phase.HARD
     site = ConvSite("w", "w.weight", (out_c, in_c, 3, 3), stride, padding, dilation, 1, None, None)
     conv = PatternConv2d(site, mask, "llvm")
@@ -69,9 +69,9 @@ def test_forward_and_gradients_match_masked_dense_conv(case):
     check_against_masked_dense_conv(case)
 
 
-def check_against_masked_dense_conv(case):
+def check_against_masked_dense_conv(case, block=(1, 1)):
     n, c, o, h, w, stride, padding, dilation, connectivity, with_bias = case
-    conv, masked_w, mask = hardened_conv(o, c, stride, padding, dilation, connectivity)
+    conv, masked_w, mask = hardened_conv(o, c, stride, padding, dilation, connectivity, block=block)
     x = torch.randn(n, c, h, w, requires_grad=True)
     weight = masked_w.clone().requires_grad_(True)
     bias = torch.randn(o, requires_grad=True) if with_bias else None
@@ -92,6 +92,42 @@ def check_against_masked_dense_conv(case):
     assert float(weight.grad[~kept].abs().sum()) == 0.0  # only kept weights get gradients
     if with_bias:
         assert rel_err(bias.grad, b_ref.grad) < 1e-4
+    return conv
+
+
+GROUPED = [  # case as in GRID, pattern block, expected (forward, grad-input) row groups
+    ((2, 8, 16, 16, 16, 1, 1, 1, 0.5, True), (2, 2), (2, 2)),     # 16-lane rows, both directions grouped
+    ((2, 12, 8, 28, 28, 1, 1, 1, 0.3, False), (4, 1), (2, 1)),    # 32-lane rows take groups of 2 (choose_row_group)
+    ((3, 16, 16, 17, 17, 1, 1, 1, 0.25, True), (4, 4), (4, 4)),   # rows and columns overhang the tile
+    ((2, 8, 8, 32, 30, 2, 1, 1, 0.5, True), (1, 2), (1, 2)),      # strided: forward on column phases, ungrouped
+    ((2, 6, 12, 16, 16, 1, 1, 1, 0.0, False), (3, 2), (1, 2)),    # blocks of 3 filters: not a power of two
+]
+
+
+@pytest.mark.parametrize("case,block,groups", GROUPED, ids=[f"{g[1][0]}x{g[1][1]}_{g[0][3]}x{g[0][4]}" for g in GROUPED])
+def test_grouped_rows_match_masked_dense_conv(case, block, groups):
+    """Coarser pattern granularity: rows of a block share their runs and one task computes
+    them together; every kind still equals the masked dense conv, and the plan really groups."""
+    conv = check_against_masked_dense_conv(case, block)
+    plan = conv.kernels_for(case[3:5], (case[2], case[1], 3, 3)).plan
+    assert (plan.forward.row_group, plan.grad_input.row_group) == groups
+
+
+def test_row_groups_are_found_only_where_ids_repeat():
+    from clicktrain.passes.reorder import FilterKernelLayout, row_group_of
+    lib = ct.patterns.fixed_library(4, 4)
+    ids = assign_patterns(torch.rand(8, 6, 3, 3), lib, 0.3, (4, 2))
+    assert (row_group_of(ids, 4), row_group_of(ids.t(), 4), row_group_of(ids, 2)) == (4, 2, 2)
+    ids[5, 0] = (ids[5, 0] + 1) % 4  # one kernel breaks its block: groups of 4 and 2 end there
+    assert row_group_of(ids, 4) == 1
+    # Before: filters in id order. Expected: each group of 2 adjacent and aligned in the new order
+    layout = FilterKernelLayout.build(lib, ids[:4], row_group=1)
+    grouped = FilterKernelLayout.build(lib, assign_patterns(torch.rand(8, 6, 3, 3), lib, 0.5, (2, 1)), row_group=2)
+    pairs = grouped.perm.view(-1, 2)
+    assert bool((pairs[:, 0] % 2 == 0).all()) and bool((pairs[:, 1] == pairs[:, 0] + 1).all())
+    assert layout.row_group == 1
+    with pytest.raises(ValueError, match="groups of 2"):
+        FilterKernelLayout.build(lib, ids, row_group=2)
 
 
 @pytest.mark.parametrize("lanes", [8, 4], ids=["avx2-width", "sse-width"])
@@ -264,23 +300,24 @@ def test_autotune_measures_once_and_remembers(tmp_path, monkeypatch):
         sparser(x, sparse_w, None)
 
 
-def compiled_pair(name, connectivity=0.3):
+def compiled_pair(name, connectivity=0.3, block=(1, 1)):
     from zoo import zoo
     factory, x = zoo()[name]
     torch.manual_seed(0)
     model = factory()
     pair = {}
     for target in ("torch", "llvm"):
-        m = ct.compile_for_training(copy.deepcopy(model), x, target=target, config=ct.PruneConfig(connectivity=connectivity))
+        m = ct.compile_for_training(copy.deepcopy(model), x, target=target,
+                                    config=ct.PruneConfig(connectivity=connectivity, pattern_block=block))
         ct.select_patterns(m)
         ct.harden(m)
         pair[target] = m
     return pair, x
 
 
-@pytest.mark.parametrize("name", ["vgg", "resnet", "mixed"])
-def test_whole_model_loss_and_gradients_equal_torch_reference(name):
-    pair, x = compiled_pair(name)
+@pytest.mark.parametrize("name,block", [("vgg", (1, 1)), ("resnet", (1, 1)), ("mixed", (1, 1)), ("vgg", (2, 2))])
+def test_whole_model_loss_and_gradients_equal_torch_reference(name, block):
+    pair, x = compiled_pair(name, block=block)
     results = {}
     for target, m in pair.items():
         loss = m(x).square().mean()
@@ -292,6 +329,8 @@ def test_whole_model_loss_and_gradients_equal_torch_reference(name):
     for key in grads_t:
         assert rel_err(grads_l[key], grads_t[key]) < 1e-4, key
     assert any("clicktrain_kernels" in n for n, _ in pair["llvm"].named_modules())
+    convs = [mod for mod in pair["llvm"].modules() if isinstance(mod, PatternConv2d)]
+    assert all(conv.row_groups() == block for conv in convs)  # the zoo's channel counts divide by 2
 
 
 def test_masks_before_generated_kernels_skip_the_multiply():

@@ -160,14 +160,35 @@ def chwn_blocks(src_channels: int, dst_channels: int, in_h: int, in_w: int, lane
     return (0 if block >= src_channels else block), rows, weights > CHWN_WEIGHT_BYTES
 
 
-def _tile(layout: str, height: int, width: int, target: KernelTarget, cuda: bool) -> tuple[int, int, int, int]:
-    """(rows, lanes, padded height, padded width) of a direct-conv output tile."""
+MAX_ROW_GROUP = 4  # rows of the layout one nchw task may share (choose_row_group)
+GROUPED_ACCUMULATORS = 16  # vector registers a grouped nchw tile holds (all its rows' accumulators)
+
+
+def choose_row_group(block: int, lanes: int, simd_lanes: int) -> tuple[int, int]:
+    """(rows of the layout per task, tile rows) of an nchw direct conv whose layout rows come
+    in groups of ``block`` equal rows (``row_group_of``). Grouped rows share every input load,
+    so the tile grows to ``GROUPED_ACCUMULATORS`` vectors. Measured on AVX-512 (forward,
+    4/9, docs/performance.md): one register per row, 4 rows of a group x 4 tile rows
+    (64->128 16x16 2.64x of dense, against 1.80x ungrouped), 2 x 8 about as fast as 2 x 4;
+    two registers per row (32 lanes), 2 x 4 (3.56x) beat 4 x 2 (2.93x)."""
+    vectors = max(1, lanes // simd_lanes)
+    group = min(block, max(1, 4 // vectors))
+    if group == 1:
+        return 1, choose_rows(lanes, simd_lanes)
+    return group, min(8, GROUPED_ACCUMULATORS // (group * vectors))
+
+
+def _tile(layout: str, height: int, width: int, target: KernelTarget, cuda: bool,
+          block: int = 1) -> tuple[int, int, int, int, int]:
+    """(row group, rows, lanes, padded height, padded width) of a direct-conv output tile."""
     if layout == "chwn":  # lanes along the batch; the tile is whole output rows
         rows = choose_chwn_rows(height, width)
-        return rows, target.simd_lanes, _round_up(height, rows), width
-    lanes = 1 if cuda else choose_lanes(width, target.simd_lanes)
-    rows = 1 if cuda else choose_rows(lanes, target.simd_lanes)
-    return rows, lanes, _round_up(height, rows), _round_up(width, lanes)
+        return 1, rows, target.simd_lanes, _round_up(height, rows), width
+    if cuda:
+        return 1, 1, 1, height, width
+    lanes = choose_lanes(width, target.simd_lanes)
+    group, rows = choose_row_group(block, lanes, target.simd_lanes)
+    return group, rows, lanes, _round_up(height, rows), _round_up(width, lanes)
 
 
 GRAD_WEIGHT_GROUP = 2  # measured on AVX-512 (docs/performance.md): 2 beats 1 by 6-30 %, 4 loses 2-3x
@@ -208,17 +229,21 @@ def grad_weight_blocks(fwd: FilterKernelLayout, num_patterns: int, group: int):
     return filters, fwd.kernel_channel[first], positions, pointer
 
 
-def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget) -> KernelPlan:
+def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget,
+                 row_groups: tuple[int, int] = (1, 1)) -> KernelPlan:
+    """``row_groups``: (filters, input channels) that come in groups of equal pattern ids
+    (``row_group_of`` of the ids and of their transpose); 1 where kernels have their own."""
     (sh, sw), (dh, dw) = geom.stride, geom.dilation
     fwd_offsets = tuple(tuple((dy * dh, dx * dw) for dy, dx in pattern_offsets(p)) for p in library)
     flipped = tuple(tuple(((2 - dy) * dh, (2 - dx) * dw) for dy, dx in pattern_offsets(p)) for p in library)
     cuda = target.name == "cuda"
     fwd_layout, gi_layout, gw_layout = choose_layouts(geom, target.simd_lanes, cuda)
-    rows_f, lanes_f, oh, ow = _tile(fwd_layout, geom.out_h, geom.out_w, target, cuda)
-    rows_g, lanes_g, ih, iw = _tile(gi_layout, geom.in_h, geom.in_w, target, cuda)
+    group_f, rows_f, lanes_f, oh, ow = _tile(fwd_layout, geom.out_h, geom.out_w, target, cuda, row_groups[0])
+    group_g, rows_g, lanes_g, ih, iw = _tile(gi_layout, geom.in_h, geom.in_w, target, cuda, row_groups[1])
     fwd_in = ((oh - 1) * sh + 2 * dh + 1, (ow - 1) * sw + 2 * dw + 1)
     gi_in = (ih - 1 + 2 * dh + 1, iw - 1 + 2 * dw + 1)
     tag = f"{geom.tag()}_{abs(hash(fwd_offsets)) % 10**8}"
+    fwd_tag, gi_tag = (tag + (f"_g{g}" if g > 1 else "") for g in (group_f, group_g))
     # nchw outputs are stored at their true size (a tile overhanging it stores lane by lane)
     fwd_stored = (geom.out_h, geom.out_w) if fwd_layout == "nchw" else None
     gi_stored = (geom.in_h, geom.in_w) if gi_layout == "nchw" else None
@@ -230,27 +255,30 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
         else (0, 1, False)
     gi_blocks = chwn_blocks(geom.out_channels, geom.in_channels, *gi_in, lanes_g, strided_weights=True) \
         if gi_layout == "chwn" else (0, 1, False)
-    forward = DirectConvSpec(f"ct_fwd_{fwd_layout}_{tag}", geom.in_channels, geom.out_channels, fwd_in[0], fwd_in[1],
+    forward = DirectConvSpec(f"ct_fwd_{fwd_layout}_{fwd_tag}", geom.in_channels, geom.out_channels, fwd_in[0], fwd_in[1],
                              oh, ow, geom.stride, fwd_offsets, rows_f, lanes_f, bias=True, layout=fwd_layout,
                              stored=fwd_stored, positions=positions, strides=(C9, 9),
                              # strided rows read column phases: measured 1.4-2.3x faster forward
                              phases=sw if fwd_layout == "nchw" and not cuda else 1,
-                             channel_block=fwd_blocks[0], filter_block=fwd_blocks[1], batch_inner=fwd_blocks[2])
-    grad_input = DirectConvSpec(f"ct_dgrad_{gi_layout}_{tag}", geom.out_channels, geom.in_channels, gi_in[0], gi_in[1],
+                             channel_block=fwd_blocks[0], filter_block=fwd_blocks[1], batch_inner=fwd_blocks[2],
+                             row_group=group_f)
+    grad_input = DirectConvSpec(f"ct_dgrad_{gi_layout}_{gi_tag}", geom.out_channels, geom.in_channels, gi_in[0], gi_in[1],
                                 ih, iw, (1, 1), flipped, rows_g, lanes_g, bias=False, layout=gi_layout,
                                 stored=gi_stored, positions=positions, strides=(9, C9),
                                 # measured on wide layers: 256->256 8x8 1.44x -> 1.54x of dense, 512->512
                                 # 4x4 0.98x -> 1.34x; on narrow ones the gather cost about what it saved
-                                gathered_weight=not cuda and geom.in_channels * geom.out_channels * 9
+                                # (a grouped tile reads its rows' weights a filter apart, like nchw)
+                                gathered_weight=not cuda and group_g == 1 and geom.in_channels * geom.out_channels * 9
                                 >= GATHER_GRAD_INPUT_WEIGHTS,
-                                channel_block=gi_blocks[0], filter_block=gi_blocks[1], batch_inner=gi_blocks[2])
+                                channel_block=gi_blocks[0], filter_block=gi_blocks[1], batch_inner=gi_blocks[2],
+                                row_group=group_g)
     # grad-weight reads the forward's padded input when their layouts agree; otherwise its own copy
     if gw_layout == "chwn":
         gw_lanes, gw_w = target.simd_lanes, geom.out_w
     elif fwd_layout == "nchw":  # the forward's padded input serves as is
         gw_lanes, gw_w = (1 if cuda else min(lanes_f, target.simd_lanes)), ow
     else:  # a chwn forward's row is not an nchw tile: grad-weight tiles its own and pads its own input
-        _, lanes_n, _, gw_w = _tile("nchw", geom.out_h, geom.out_w, target, cuda)
+        _, _, lanes_n, _, gw_w = _tile("nchw", geom.out_h, geom.out_w, target, cuda)
         gw_lanes = min(lanes_n, target.simd_lanes)
     gw_in_w = max(fwd_in[1], (gw_w - 1) * sw + 2 * dw + 1)
     grad_weight = GradWeightSpec(f"ct_wgrad_{gw_layout}_{tag}", geom.in_channels, geom.out_channels,
@@ -326,8 +354,9 @@ class LayerKernels:
     gather_weights: object = None  # grad-input's weight gather, where plan.grad_input.gathered_weight
 
     @classmethod
-    def build(cls, geom: ConvGeometry, library: torch.Tensor, target: KernelTarget) -> "LayerKernels":
-        plan = plan_kernels(geom, library, target)
+    def build(cls, geom: ConvGeometry, library: torch.Tensor, target: KernelTarget,
+              row_groups: tuple[int, int] = (1, 1)) -> "LayerKernels":
+        plan = plan_kernels(geom, library, target, row_groups)
         sources = kernel_sources(plan, target)
         kernels = cls(plan, target, sources)
         runnable = target.name != "cuda" or cuda_available()
@@ -400,9 +429,10 @@ class LayerIndex:
     @classmethod
     def build(cls, library: torch.Tensor, pattern_ids: torch.Tensor, device, plan: KernelPlan) -> "LayerIndex":
         """The arrays ``plan``'s kernels read (their channel blocks and grad-weight group)."""
-        fwd = FilterKernelLayout.build(library, pattern_ids, channel_block=plan.forward.channel_block)
+        fwd = FilterKernelLayout.build(library, pattern_ids, channel_block=plan.forward.channel_block,
+                                       row_group=plan.forward.row_group)
         bwd = FilterKernelLayout.build(library, pattern_ids.t(), transposed=True,
-                                       channel_block=plan.grad_input.channel_block)
+                                       channel_block=plan.grad_input.channel_block, row_group=plan.grad_input.row_group)
         blocks = grad_weight_blocks(fwd, library.shape[0], plan.grad_weight.group)
 
         def i32(t):

@@ -77,6 +77,9 @@ class DirectConvSpec:
     # (kept kernels, k), by ``gather_weights_llvm`` (its rows' weights are one filter apart in
     # the dense weight)
     gathered_weight: bool = False
+    # nchw: output rows per task that share their runs of kept kernels (the layout's rows come
+    # in groups of this many with equal source channels and patterns: block granularity)
+    row_group: int = 1
 
     @property
     def channel_blocks(self) -> int:
@@ -201,28 +204,42 @@ def _vector_tile(loops, V: int, indent: int, body: str) -> list[str]:
 
 
 def direct_conv_llvm(s: DirectConvSpec) -> str:
-    """nchw: one parallel task per (image, output row) holding a register tile of ``rows`` x
-    ``lanes`` output pixels, vectorised along the row. chwn: ``direct_conv_chwn_llvm``."""
+    """nchw: one parallel task per (image, group of ``row_group`` output rows) holding a
+    register tile of ``row_group x rows x lanes`` output pixels, vectorised along the row.
+    The rows of a group share their runs of kept kernels (same source channels and
+    patterns: block granularity), so each shifted input vector is loaded once for all of
+    them. chwn: ``direct_conv_chwn_llvm``."""
     if s.layout == "chwn":
         return direct_conv_chwn_llvm(s)
-    O, R, V = s.dst_channels, s.rows, s.lanes
-    f = f"bf % {O}"
-    loops, acc = [("r", R)], "acc[r, v]"
-    batch, y, x = f"bf // {O}", f"yt * {R} + r", f"xt * {V} + v"
-    store = f"out[bf // {O}, perm[{f}], yt * {R} + r, xt * {V} + v]"
-    init = f"bias[perm[{f}]]" if s.bias else "T.float32(0)"
+    O, R, V, G = s.dst_channels, s.rows, s.lanes, s.row_group
+    assert O % G == 0 and (G == 1 or not s.gathered_weight), "a group's rows share runs, not gathered weights"
+    groups = O // G
+    loops = [("r", R)]
+    batch, y, x = f"bf // {groups}", f"yt * {R} + r", f"xt * {V} + v"
+
+    def row(g: int) -> str:
+        return f"bf % {groups}" if G == 1 else f"bf % {groups} * {G} + {g}"
+
+    def acc(g: int) -> str:
+        return f"acc{g}[r, v]" if G > 1 else "acc[r, v]"
     lines = _header(s.name, DIRECT_PARAMS) + _direct_buffers(s)
-    lines += [f"    for bf in T.parallel(n * {O}):",
-              f'        acc = T.alloc_buffer(({R}, {V}), "float32", scope="global")',
-              f"        for yt, xt in T.grid({s.out_h // R}, {s.out_w // V}):"]
-    lines += _vector_tile(loops, V, 12, f"{acc} = {init}")
+    lines += [f"    for bf in T.parallel(n * {groups}):"]
+    # one buffer per row of the group: a buffer of 1 KB or more goes to TVM's heap workspace,
+    # where LLVM cannot keep it in registers
+    lines += [f'        {acc(g).split("[")[0]} = T.alloc_buffer(({R}, {V}), "float32", scope="global")' for g in range(G)]
+    lines += [f"        for yt, xt in T.grid({s.out_h // R}, {s.out_w // V}):"]
+    for g in range(G):
+        lines += _vector_tile(loops, V, 12, f"{acc(g)} = {f'bias[perm[{row(g)}]]' if s.bias else 'T.float32(0)'}")
     for p in range(len(s.offsets)):
-        lines.append(f"            for j in range(ptr[{f}, {p}], ptr[{f}, {p + 1}]):")
-        lines += _vector_tile(loops, V, 16, _fma_chain(acc, s, p, batch, y, x, row=f))
-    if s.out_extent == (s.out_h, s.out_w):
-        lines += _vector_tile(loops, V, 12, f"{store} = {acc}")
-    else:
-        lines += _clipped_store(s, store, acc)
+        lines.append(f"            for j in range(ptr[{row(0)}, {p}], ptr[{row(0)}, {p + 1}]):")
+        for g in range(G):
+            lines += _vector_tile(loops, V, 16, _fma_chain(acc(g), s, p, batch, y, x, row=row(g)))
+    for g in range(G):
+        store = f"out[{batch}, perm[{row(g)}], yt * {R} + r, xt * {V} + v]"
+        if s.out_extent == (s.out_h, s.out_w):
+            lines += _vector_tile(loops, V, 12, f"{store} = {acc(g)}")
+        else:
+            lines += _clipped_store(s, store, acc(g))
     return "\n".join(lines) + "\n"
 
 

@@ -128,7 +128,8 @@ class GenerateKernels(ClicktrainPass):
         for node in gm.graph.nodes:
             site = node.meta.get(META_KEY)
             if site is not None and _is_kernel_call(gm, node) and site.input_shape is not None:
-                assert tuple(site.input_shape[2:]) in gm.get_submodule(node.target)._kernels, \
+                module = gm.get_submodule(node.target)
+                assert (tuple(site.input_shape[2:]), module.row_groups()) in module._kernels, \
                     f"'{site.name}': no kernels generated"
 
     def describe(self, gm: fx.GraphModule) -> str:

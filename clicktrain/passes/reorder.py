@@ -41,10 +41,11 @@ class FilterKernelLayout:
     kernel_filter: torch.Tensor   # (K,) original filter (row of pattern_ids) of each kept kernel
     weight_index: torch.Tensor    # (K, k) flat index of each kept weight in weight.reshape(-1)
     channel_block: int = 0        # input channels per block (0: one block of all)
+    row_group: int = 1            # rows come in aligned groups of this many with equal runs
 
     @classmethod
     def build(cls, library: torch.Tensor, pattern_ids: torch.Tensor, transposed: bool = False,
-              channel_block: int = 0) -> "FilterKernelLayout":
+              channel_block: int = 0, row_group: int = 1) -> "FilterKernelLayout":
         """Layout over the rows of ``pattern_ids``. With ``transposed`` the rows are the input
         channels of a weight ``(O, C, 3, 3)`` whose ids are ``pattern_ids.T`` (the grad-input
         view); ``weight_index`` then still indexes that ``(O, C, 3, 3)`` weight. With
@@ -58,7 +59,10 @@ class FilterKernelLayout:
         counts = torch.zeros(out_c, n_patterns, dtype=torch.long)
         counts.scatter_add_(1, ids.clamp(min=0), kept.long())
         signatures = [tuple(row) for row in counts.tolist()]
-        order = sorted(range(out_c), key=lambda o: (-sum(signatures[o]), tuple(-c for c in signatures[o]), o))
+        if row_group_of(pattern_ids, row_group) != row_group:
+            raise ValueError(f"pattern ids do not come in groups of {row_group} equal rows")
+        order = [b * row_group + i for b in sorted(range(out_c // row_group), key=lambda b: (
+            -sum(signatures[b * row_group]), tuple(-c for c in signatures[b * row_group]), b)) for i in range(row_group)]
         perm = torch.tensor(order, dtype=torch.long)
         new_signatures = [signatures[o] for o in order]
         groups, start = [], 0
@@ -82,7 +86,7 @@ class FilterKernelLayout:
         kernel_flat = kernel_channel * out_c + kernel_filter if transposed else kernel_filter * in_c + kernel_channel
         weight_index = (kernel_flat * 9).unsqueeze(1) + positions[kernel_pattern]
         return cls(out_c, in_c, k, perm, new_signatures, groups, kernel_ptr, kernel_channel, kernel_pattern,
-                   kernel_filter, weight_index, channel_block)
+                   kernel_filter, weight_index, channel_block, row_group)
 
     @property
     def channel_blocks(self) -> int:
@@ -116,6 +120,20 @@ class FilterKernelLayout:
         dense = compact.new_zeros(self.out_channels * self.in_channels * 9)
         dense[self.weight_index.reshape(-1)] = compact.reshape(-1)
         return dense.view(self.out_channels, self.in_channels, 3, 3)
+
+
+def row_group_of(pattern_ids: torch.Tensor, limit: int) -> int:
+    """The largest power of two ``g <= limit`` such that the rows of ``pattern_ids`` come in
+    aligned groups of ``g`` equal rows (the pattern ids of a ``PruneConfig.pattern_block``
+    granularity), 1 if none: the rows a generated kernel may treat as one."""
+    rows = pattern_ids.shape[0]
+    g = 1
+    while 2 * g <= limit and rows % (2 * g) == 0:
+        grouped = pattern_ids.reshape(rows // (2 * g), 2 * g, -1)
+        if not bool((grouped == grouped[:, :1]).all()):
+            break
+        g *= 2
+    return g
 
 
 class FilterKernelReorder(ClicktrainPass):

@@ -239,8 +239,9 @@ class PatternConv2d(nn.Module):
         self.stride, self.padding, self.dilation = site.stride, site.padding, site.dilation
         self.target = target
         object.__setattr__(self, "_mask", mask)  # not a submodule: it lives in clicktrain_masks
-        self._kernels: dict = {}   # (H, W) -> LayerKernels
+        self._kernels: dict = {}   # ((H, W), row groups) -> LayerKernels
         self._index = None         # (state key, device, LayerIndex)
+        self._groups = None        # (state key, row_groups())
         self._use: dict = {}       # (input shape, kept kernels) -> {kind: generated?}, measured on first use
         self.compile_seconds = 0.0
         # measured choice between generated kernel and torch per kind; CLICKTRAIN_AUTOTUNE=0
@@ -256,16 +257,28 @@ class PatternConv2d(nn.Module):
     def __getstate__(self):
         # compiled kernels and index arrays are caches: copies and pickles rebuild them lazily
         state = dict(self.__dict__)
-        state["_kernels"], state["_index"], state["_use"] = {}, None, {}
+        state["_kernels"], state["_index"], state["_use"], state["_groups"] = {}, None, {}, None
         return state
+
+    def row_groups(self) -> tuple[int, int]:
+        """(filters, input channels) in groups of equal pattern ids (a ``pattern_block``
+        granularity): the rows the generated forward and grad-input tiles share."""
+        from ..codegen.kernels import MAX_ROW_GROUP
+        from ..passes.reorder import row_group_of
+        key = self._mask.state_key()
+        if self._groups is None or self._groups[0] != key:
+            ids = self._mask.pattern_ids.cpu()
+            self._groups = (key, (row_group_of(ids, MAX_ROW_GROUP), row_group_of(ids.t(), MAX_ROW_GROUP)))
+        return self._groups[1]
 
     def kernels_for(self, in_hw: tuple[int, int], weight_shape):
         from ..codegen.kernels import ConvGeometry, LayerKernels
         from ..codegen.target import resolve_target
-        key = tuple(in_hw)
+        groups = self.row_groups()
+        key = (tuple(in_hw), groups)
         if key not in self._kernels:
             geom = ConvGeometry.of(weight_shape, in_hw, self.stride, self.padding, self.dilation)
-            kernels = LayerKernels.build(geom, self._mask.library.cpu(), resolve_target(self.target))
+            kernels = LayerKernels.build(geom, self._mask.library.cpu(), resolve_target(self.target), groups)
             self.compile_seconds += kernels.compile_seconds
             self._kernels[key] = kernels
         return self._kernels[key]
@@ -276,7 +289,7 @@ class PatternConv2d(nn.Module):
         from ..codegen.kernels import LayerIndex
         plan = kernels.plan
         key = (self._mask.state_key(), device, plan.forward.channel_block, plan.grad_input.channel_block,
-               plan.grad_weight.group)
+               plan.grad_weight.group, plan.forward.row_group, plan.grad_input.row_group)
         if self._index is None or self._index[0] != key:
             self._index = (key, LayerIndex.build(self._mask.library.cpu(), self._mask.pattern_ids.cpu(), device, plan))
         return self._index[1]

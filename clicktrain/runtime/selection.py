@@ -62,17 +62,32 @@ def generate_library(importances: Mapping[str, torch.Tensor], pattern_nnz: int, 
     return candidates[chosen]
 
 
-def assign_patterns(importance: torch.Tensor, library: torch.Tensor, connectivity: float) -> torch.Tensor:
+def assign_patterns(importance: torch.Tensor, library: torch.Tensor, connectivity: float,
+                    block: tuple[int, int] = (1, 1)) -> torch.Tensor:
     """Per kernel the library pattern keeping the most importance (ties: lowest id); then
-    the ``connectivity`` fraction of kernels keeping the least is marked DROPPED."""
+    the ``connectivity`` fraction of kernels keeping the least is marked DROPPED.
+
+    ``block`` = (filters, input channels): kernels in blocks of that shape share one pattern,
+    the one keeping the most of their summed importance, and are dropped together, the blocks
+    keeping the least per kernel first, as many as fit in the ``connectivity`` fraction
+    (edge blocks of a layer whose size the block does not divide are smaller)."""
     out_c, in_c = importance.shape[:2]
-    scores = pattern_scores(importance.detach().reshape(-1, 9), library)
+    bf, bc = block
+    imp = importance.detach().reshape(out_c, in_c, 9)
+    pad_o, pad_c = -out_c % bf, -in_c % bc
+    pooled = torch.nn.functional.pad(imp, (0, 0, 0, pad_c, 0, pad_o))
+    pooled = pooled.reshape((out_c + pad_o) // bf, bf, (in_c + pad_c) // bc, bc, 9).sum((1, 3))
+    kernels = torch.nn.functional.pad(torch.ones(out_c, in_c), (0, pad_c, 0, pad_o))
+    kernels = kernels.reshape(pooled.shape[0], bf, pooled.shape[1], bc).sum((1, 3)).reshape(-1)
+    scores = pattern_scores(pooled.reshape(-1, 9), library)
     best_score, ids = scores.max(dim=1)
-    n_drop = int(connectivity * ids.numel())
+    n_drop = int(connectivity * out_c * in_c)
     if n_drop:
-        order = torch.sort(best_score, stable=True).indices
-        ids[order[:n_drop]] = DROPPED
-    return ids.view(out_c, in_c).to(torch.int16)
+        order = torch.sort(best_score / kernels, stable=True).indices
+        dropped = order[torch.cumsum(kernels[order], 0) <= n_drop]
+        ids[dropped] = DROPPED
+    ids = ids.view(pooled.shape[:2]).repeat_interleave(bf, 0)[:out_c].repeat_interleave(bc, 1)[:, :in_c]
+    return ids.contiguous().to(torch.int16)
 
 
 def retained_fraction(importance: torch.Tensor, library: torch.Tensor, pattern_ids: torch.Tensor) -> float:
