@@ -9,6 +9,7 @@ rounds (this shared VM's slow minutes otherwise decide single ratios); the summa
 median over layers.
 
     .venv/bin/python benchmarks/kernels.py [--batch 64] [--models vgg11 resnet20] [--sizes 28 32]
+        [--pattern-block 2x2]   # coarser granularity (PruneConfig.pattern_block)
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ def kind_times(runner, inp, weight, dout, xpad, repeats):
 
 
 def layer_rows(model_name, size, batch, connectivity, repeats, target="llvm", compile_only=False, width=1.0,
-               in_channels=3):
+               in_channels=3, pattern_block="1x1"):
     torch.manual_seed(0)
     model = build_model(model_name, in_channels=in_channels, num_classes=10, width=width)
     x = torch.randn(2, in_channels, size, size)
-    m = ct.compile_for_training(model, x, target=target, config=ct.PruneConfig(connectivity=connectivity))
+    m = ct.compile_for_training(model, x, target=target, config=ct.PruneConfig(connectivity=connectivity,
+                                                                                   pattern_block=pattern_block))
     ct.select_patterns(m)
     ct.harden(m)
     if compile_only:
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--in-channels", type=int, default=3)
     parser.add_argument("--connectivity", type=float, nargs="+", default=[0.0, 0.5],
                         help="fractions of kernels dropped, one table each")
+    parser.add_argument("--pattern-block", default="1x1", help="filters x input channels sharing a pattern")
     parser.add_argument("--compile-only", action="store_true", help="generate and compile the kernels, time nothing")
     args = parser.parse_args()
     threads = set_threads(args.threads)
@@ -97,10 +100,11 @@ def main() -> None:
             for size in args.sizes:
                 for connectivity in args.connectivity:
                     layer_rows(model_name, size, args.batch, connectivity, 0, args.target, compile_only=True,
-                               width=args.width, in_channels=args.in_channels)
+                               width=args.width, in_channels=args.in_channels, pattern_block=args.pattern_block)
         return
     print(header(threads, args.target))
-    print(f"batch {args.batch}, width {args.width}, {args.in_channels} input channels; ratio = torch dense time / generated time (>1: generated is faster)")
+    print(f"batch {args.batch}, width {args.width}, {args.in_channels} input channels, pattern block "
+          f"{args.pattern_block}; ratio = torch dense time / generated time (>1: generated is faster)")
     for connectivity in args.connectivity:
         density = 4 / 9 * (1 - connectivity)
         dropped = f", {connectivity:.0%} of kernels dropped" if connectivity else ""
@@ -111,7 +115,8 @@ def main() -> None:
             for size in args.sizes:
                 for model, conv, shape, dense, ours in layer_rows(model_name, size, args.batch, connectivity,
                                                                   args.repeats, args.target, width=args.width,
-                                                                  in_channels=args.in_channels):
+                                                                  in_channels=args.in_channels,
+                                                                  pattern_block=args.pattern_block):
                     ratios = [d / o for d, o in zip(dense, ours)]
                     total = sum(dense) / sum(ours)
                     totals.append(total)

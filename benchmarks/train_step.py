@@ -17,6 +17,7 @@ torch's dense conv (measured during warm-up, glue included); the choice is print
     .venv/bin/python benchmarks/train_step.py --models vgg11 --sizes 28 --width 0.25 --in-channels 1 \\
         --ramp --profile          # the main job's model and pruning, with time per op
     .venv/bin/python benchmarks/train_step.py --target cuda   # on a GPU: cuda kernels vs cuDNN
+    .venv/bin/python benchmarks/train_step.py --pattern-block 2x2   # coarser granularity
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def stepper(model, x, y):
 def hardened(name, x, target, connectivity, ramp, args):
     torch.manual_seed(0)
     m = ct.compile_for_training(build_model(name, x.shape[1], 10, width=args.width), x[:2], target=target,
-                                config=ct.PruneConfig(connectivity=connectivity))
+                                config=ct.PruneConfig(connectivity=connectivity, pattern_block=args.pattern_block))
     ratios = None
     if ramp:  # the trainer's default: drop ratios rising with depth, same overall compression
         layers = prunable_layers(m)
@@ -122,13 +123,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="also print the time per op of dense and llvm")
     parser.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
+    parser.add_argument("--pattern-block", default="1x1", help="filters x input channels sharing a pattern")
     args = parser.parse_args()
     threads = set_threads(args.threads)
     gen = args.target
     device = torch.device("cuda" if gen == "cuda" else "cpu")
     sync = torch.cuda.synchronize if gen == "cuda" else (lambda: None)
     print(header(threads, gen))
-    print(f"batch {args.batch}, width {args.width}, {args.in_channels} input channels"
+    print(f"batch {args.batch}, width {args.width}, {args.in_channels} input channels, pattern block {args.pattern_block}"
           f"{', layer-ramped drop ratios' if args.ramp else ''}; ratio = dense step time / {gen} step time "
           f"(>1: {gen} is faster); median over {args.repeats} rounds, the three models alternating")
     print(f"{'model':<10} {'input':>6} {'density':>8} {'dense ms':>9} {'torch-masked ms':>16} {gen + ' ms':>8} "
