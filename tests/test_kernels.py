@@ -101,6 +101,9 @@ GROUPED = [  # case as in GRID, pattern block, expected (forward, grad-input) ro
     ((3, 16, 16, 17, 17, 1, 1, 1, 0.25, True), (4, 4), (4, 4)),   # rows and columns overhang the tile
     ((2, 8, 8, 32, 30, 2, 1, 1, 0.5, True), (1, 2), (1, 2)),      # strided: forward on column phases, ungrouped
     ((2, 6, 12, 16, 16, 1, 1, 1, 0.0, False), (3, 2), (1, 2)),    # blocks of 3 filters: not a power of two
+    ((3, 16, 16, 8, 8, 1, 1, 1, 0.5, True), (2, 2), (2, 2)),      # chwn (batch in lanes), 8-wide rows
+    ((2, 8, 18, 4, 4, 1, 1, 1, 0.3, False), (2, 4), (2, 4)),      # chwn 4x4; 18 rows: the last task's group partial
+    ((17, 12, 8, 2, 2, 1, 1, 1, 0.0, True), (4, 4), (4, 4)),      # chwn 2x2, batch not a multiple of the lanes
 ]
 
 
@@ -156,11 +159,13 @@ def test_grad_input_on_gathered_weights_matches_masked_dense_conv(monkeypatch):
         check_against_masked_dense_conv(case)
 
 
-@pytest.mark.parametrize("batch_inner", [False, True], ids=["rows-first", "images-first"])
-def test_chwn_kernels_in_channel_blocks_match_masked_dense_conv(batch_inner, monkeypatch):
+@pytest.mark.parametrize("batch_inner,block", [(False, (1, 1)), (True, (1, 1)), (True, (2, 2))],
+                         ids=["rows-first", "images-first", "images-first-2x2"])
+def test_chwn_kernels_in_channel_blocks_match_masked_dense_conv(batch_inner, block, monkeypatch):
     """Channel blocks of 1-2 channels (the budget shrunk to force them), a last block short,
-    filter groups not dividing the rows, three blocks of images taken in either task order:
-    forward and grad-input (both chwn) still equal the masked dense conv."""
+    filter groups not dividing the rows, three blocks of images taken in either task order,
+    with and without grouped rows: forward and grad-input (both chwn) still equal the masked
+    dense conv."""
     import clicktrain.codegen.kernels as K
     monkeypatch.setattr(K, "CHWN_BLOCK_BYTES", 2 * 6 * 6 * 16 * 4)
     monkeypatch.setattr(K, "CHWN_WEIGHT_BYTES", 0 if batch_inner else 1 << 40)
@@ -170,7 +175,13 @@ def test_chwn_kernels_in_channel_blocks_match_masked_dense_conv(batch_inner, mon
     assert plan.forward.channel_blocks > 1 and plan.grad_input.channel_blocks > 1
     assert plan.forward.dst_channels % plan.forward.filter_block
     assert plan.forward.batch_inner == plan.grad_input.batch_inner == batch_inner
-    check_against_masked_dense_conv((33, 5, 11, 4, 4, 1, 1, 1, 0.3, True))
+    if block == (1, 1):
+        check_against_masked_dense_conv((33, 5, 11, 4, 4, 1, 1, 1, 0.3, True))
+        return
+    conv = check_against_masked_dense_conv((33, 6, 18, 4, 4, 1, 1, 1, 0.3, True), block)
+    plan = conv.kernels_for((4, 4), (18, 6, 3, 3)).plan
+    assert (plan.forward.row_group, plan.grad_input.row_group) == (2, 2) and plan.forward.channel_blocks > 1
+    assert plan.forward.dst_channels % plan.forward.filter_block
 
 
 def test_channel_blocks_order_each_rows_kernels_by_block_then_pattern():

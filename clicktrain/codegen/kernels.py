@@ -128,10 +128,11 @@ def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool) -> tuple[str
             else "nchw")
 
 
-def choose_chwn_rows(height: int, width: int) -> int:
-    """Whole rows per chwn tile: as many as the accumulator budget holds, padding <= 15 %."""
+def choose_chwn_rows(height: int, width: int, group: int = 1) -> int:
+    """Whole rows per chwn tile (of each of ``group`` layout rows): as many as the accumulator
+    budget holds, padding <= 15 %."""
     best = 1
-    for r in range(1, max(1, min(height, CHWN_ACCUMULATORS // width)) + 1):
+    for r in range(1, max(1, min(height, CHWN_ACCUMULATORS // (width * group))) + 1):
         if _round_up(height, r) <= 1.15 * height:
             best = r
     return best
@@ -144,7 +145,7 @@ GATHER_GRAD_INPUT_WEIGHTS = 256 * 256 * 9  # grad-input gathers its weights on l
 
 
 def chwn_blocks(src_channels: int, dst_channels: int, in_h: int, in_w: int, lanes: int,
-                strided_weights: bool = False) -> tuple[int, int, bool]:
+                strided_weights: bool = False, group: int = 1) -> tuple[int, int, bool]:
     """(source channels per block, output rows per task, batch blocks innermost) of a chwn
     direct conv. Measured on a 512-channel 4x4 layer (docs/performance.md): unblocked, each
     output row re-read its images' whole input (~1 MB, from memory), and the kernel ran at a
@@ -155,12 +156,12 @@ def chwn_blocks(src_channels: int, dst_channels: int, in_h: int, in_w: int, lane
     small groups lost a little that way (128-channel 4x4 forward 1.39x -> 1.25x)."""
     per_channel = in_h * in_w * lanes * 4
     block = max(1, CHWN_BLOCK_BYTES // per_channel)
-    rows = -(-dst_channels // CHWN_TASKS_PER_BATCH_BLOCK)
+    rows = _round_up(-(-dst_channels // CHWN_TASKS_PER_BATCH_BLOCK), group)  # whole groups of rows
     weights = rows * src_channels * (64 if strided_weights else 36)
     return (0 if block >= src_channels else block), rows, weights > CHWN_WEIGHT_BYTES
 
 
-MAX_ROW_GROUP = 4  # rows of the layout one nchw task may share (choose_row_group)
+MAX_ROW_GROUP = 4  # rows of the layout one task may compute together (choose_row_group, _tile)
 GROUPED_ACCUMULATORS = 16  # vector registers a grouped nchw tile holds (all its rows' accumulators)
 
 
@@ -182,8 +183,11 @@ def _tile(layout: str, height: int, width: int, target: KernelTarget, cuda: bool
           block: int = 1) -> tuple[int, int, int, int, int]:
     """(row group, rows, lanes, padded height, padded width) of a direct-conv output tile."""
     if layout == "chwn":  # lanes along the batch; the tile is whole output rows
-        rows = choose_chwn_rows(height, width)
-        return 1, rows, target.simd_lanes, _round_up(height, rows), width
+        group = 1  # a power of two (as ``block`` is) with a whole row of accumulators each
+        while 2 * group <= min(block, MAX_ROW_GROUP, CHWN_ACCUMULATORS // width):
+            group *= 2
+        rows = choose_chwn_rows(height, width, group)
+        return group, rows, target.simd_lanes, _round_up(height, rows), width
     if cuda:
         return 1, 1, 1, height, width
     lanes = choose_lanes(width, target.simd_lanes)
@@ -251,10 +255,10 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     # widx, docs/performance.md); fwd rows are filters (stride C*9), grad-input rows channels
     positions = () if cuda else tuple(tuple(3 * dy + dx for dy, dx in pattern_offsets(p)) for p in library)
     C9 = geom.in_channels * 9
-    fwd_blocks = chwn_blocks(geom.in_channels, geom.out_channels, *fwd_in, lanes_f) if fwd_layout == "chwn" \
-        else (0, 1, False)
-    gi_blocks = chwn_blocks(geom.out_channels, geom.in_channels, *gi_in, lanes_g, strided_weights=True) \
-        if gi_layout == "chwn" else (0, 1, False)
+    fwd_blocks = chwn_blocks(geom.in_channels, geom.out_channels, *fwd_in, lanes_f, group=group_f) \
+        if fwd_layout == "chwn" else (0, 1, False)
+    gi_blocks = chwn_blocks(geom.out_channels, geom.in_channels, *gi_in, lanes_g, strided_weights=True,
+                            group=group_g) if gi_layout == "chwn" else (0, 1, False)
     forward = DirectConvSpec(f"ct_fwd_{fwd_layout}_{fwd_tag}", geom.in_channels, geom.out_channels, fwd_in[0], fwd_in[1],
                              oh, ow, geom.stride, fwd_offsets, rows_f, lanes_f, bias=True, layout=fwd_layout,
                              stored=fwd_stored, positions=positions, strides=(C9, 9),

@@ -245,60 +245,73 @@ def direct_conv_llvm(s: DirectConvSpec) -> str:
 
 def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
     """chwn: one parallel task per (block of ``lanes`` images, block of ``filter_block`` output
-    rows), the register tile ``rows`` whole output rows vectorised along the batch. The task
-    walks the source channels block by block (``channel_block``), each block for all its output
-    rows, adding into the output: that block of its images' input (a few dozen KB) stays in
-    cache while every row reads it. Without blocks every row streamed the whole input of its
-    images (a 512-channel 4x4 layer: about 1 MB per row, from memory)."""
-    O, R, V, FB = s.dst_channels, s.rows, s.lanes, s.filter_block
+    rows), the register tile ``rows`` whole output rows vectorised along the batch, for each
+    of ``row_group`` layout rows that share their runs (each input vector loaded once for the
+    group). The task walks the source channels block by block (``channel_block``), each block
+    for all its output rows, adding into the output: that block of its images' input (a few
+    dozen KB) stays in cache while every row reads it. Without blocks every row streamed the
+    whole input of its images (a 512-channel 4x4 layer: about 1 MB per row, from memory)."""
+    O, R, V, FB, G = s.dst_channels, s.rows, s.lanes, s.filter_block, s.row_group
     P, B = len(s.offsets), s.channel_blocks
+    assert FB % G == 0 and O % G == 0 and (G == 1 or not s.gathered_weight)
     groups = -(-O // FB)
     if s.batch_inner:  # n: blocks of images
-        f, images = f"bf // n * {FB} + fi", "bf % n"
+        task, images = f"bf // n * {FB}", "bf % n"
     else:
-        f, images = f"bf % {groups} * {FB} + fi", f"bf // {groups}"
-    init = f"bias[perm[{f}]]" if s.bias else "T.float32(0)"
+        task, images = f"bf % {groups} * {FB}", f"bf // {groups}"
 
-    def out(r: int) -> str:
-        return f"out[{images}, perm[{f}], yt * {R} + {r}, x, v]"
+    def f(g: int) -> str:
+        """Output row ``g`` of the task's group ``fi``."""
+        return f"{task} + fi" if G == 1 else f"{task} + fi * {G} + {g}"
+
+    def acc(g: int, r: int) -> str:
+        return f"acc{r}[x, v]" if G == 1 else f"acc{g}_{r}[x, v]"
+
+    def init(g: int) -> str:
+        return f"bias[perm[{f(g)}]]" if s.bias else "T.float32(0)"
+
+    def out(g: int, r: int) -> str:
+        return f"out[{images}, perm[{f(g)}], yt * {R} + {r}, x, v]"
 
     def tile(indent: int, body) -> list[str]:
-        """``body(r)`` over the tile: rows unrolled here, each row's x unrolled, lanes vectorised."""
+        """``body(g, r)`` over the tile: the group's rows and the tile rows unrolled here, each
+        row's x unrolled, lanes vectorised."""
         lines = []
-        for r in range(R):
-            lines += _vector_tile([("x", s.out_w)], V, indent, body(r))
+        for g in range(G):
+            for r in range(R):
+                lines += _vector_tile([("x", s.out_w)], V, indent, body(g, r))
         return lines
     lines = _header(s.name, DIRECT_PARAMS) + _direct_buffers(s)
     # one accumulator buffer per row: TVM puts a buffer of 1 KB or more (16 AVX-512 vectors)
     # on the heap, where LLVM cannot keep it in registers (measured: 3-4x slower)
     lines += [f"    for bf in T.parallel(n * {groups}):"]
-    lines += [f'        acc{r} = T.alloc_buffer(({s.out_w}, {V}), "float32", scope="global")' for r in range(R)]
-
+    lines += [f'        {acc(g, r).split("[")[0]} = T.alloc_buffer(({s.out_w}, {V}), "float32", scope="global")'
+              for g in range(G) for r in range(R)]
     def rows_of_task(indent: int, body) -> list[str]:
-        """``body(indent)`` for each of the task's output rows and tiles."""
-        lines = [" " * indent + f"for fi in range({FB}):"]
+        """``body(indent)`` for each of the task's (groups of) output rows and tiles."""
+        lines = [" " * indent + f"for fi in range({FB // G}):"]
         if O % FB:
             indent += 4
-            lines.append(" " * indent + f"if {f} < {O}:")
+            lines.append(" " * indent + f"if {f(0)} < {O}:")
         lines.append(" " * (indent + 4) + f"for yt in range({s.out_h // R}):")
         return lines + body(indent + 8)
 
-    def block(cb: str, first: bool):
+    def block(cb: str, start: bool):
         """One block of source channels into the tile: from the bias (the only block) or from
         the output so far."""
         def body(indent: int) -> list[str]:
-            lines = tile(indent, lambda r: f"acc{r}[x, v] = {init if first else out(r)}")
+            lines = tile(indent, lambda g, r: f"{acc(g, r)} = {init(g) if start else out(g, r)}")
             for p in range(P):
-                lines.append(" " * indent + f"for j in range(ptr[{f}, {cb} * {P + 1} + {p}], "
-                             f"ptr[{f}, {cb} * {P + 1} + {p + 1}]):")
-                lines += tile(indent + 4, lambda r: _fma_chain(f"acc{r}[x, v]", s, p, images, f"yt * {R} + {r}", "x",
-                                                                row=f))
-            return lines + tile(indent, lambda r: f"{out(r)} = acc{r}[x, v]")
+                lines.append(" " * indent + f"for j in range(ptr[{f(0)}, {cb} * {P + 1} + {p}], "
+                             f"ptr[{f(0)}, {cb} * {P + 1} + {p + 1}]):")
+                lines += tile(indent + 4, lambda g, r: _fma_chain(acc(g, r), s, p, images, f"yt * {R} + {r}", "x",
+                                                                   row=f(g)))
+            return lines + tile(indent, lambda g, r: f"{out(g, r)} = {acc(g, r)}")
         return body
     if B == 1:
         lines += rows_of_task(8, block("0", True))
     else:  # the output starts as the bias; each block adds to it (one copy of the block's code)
-        lines += rows_of_task(8, lambda indent: tile(indent, lambda r: f"{out(r)} = {init}"))
+        lines += rows_of_task(8, lambda indent: tile(indent, lambda g, r: f"{out(g, r)} = {init(g)}"))
         lines.append(f"        for cb in range({B}):")
         lines += rows_of_task(12, block("cb", False))
     return "\n".join(lines) + "\n"
