@@ -10,6 +10,7 @@ ratio = dense time / generated time.
     .venv/bin/python benchmarks/tile_variants.py --vary rows  [--values 2 4 8]
     .venv/bin/python benchmarks/tile_variants.py --vary layout [--values chwn nchw]
     .venv/bin/python benchmarks/tile_variants.py --vary direct [--values chwn nchw]
+    .venv/bin/python benchmarks/tile_variants.py --vary group --pattern-block 4x4   # on blocked ids
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from _common import fastest_alternating, header  # noqa: E402
 import torch  # noqa: E402
 
 import clicktrain.codegen.kernels as K  # noqa: E402
-from clicktrain.codegen.kernels import ConvGeometry, LayerIndex, LayerKernels  # noqa: E402
+from clicktrain.codegen.kernels import MAX_ROW_GROUP, ConvGeometry, LayerIndex, LayerKernels  # noqa: E402
+from clicktrain.config import parse_pattern_block  # noqa: E402
+from clicktrain.passes.reorder import row_group_of  # noqa: E402
 from clicktrain.codegen.target import resolve_target  # noqa: E402
 from clicktrain.machine import set_threads  # noqa: E402
 from clicktrain.runtime.pattern_conv import LayerRunner  # noqa: E402
@@ -44,11 +47,11 @@ DEFAULT_VALUES = {"group": ["1", "2", "4"], "rows": ["2", "4", "8"], "layout": [
                   "direct": ["chwn", "nchw"]}
 
 
-def runner_with(vary: str, value: str, weight, library, ids, hw, target):
+def runner_with(vary: str, value: str, weight, library, ids, hw, target, row_groups=(1, 1)):
     """A LayerRunner whose plan uses ``value`` for the varied choice (the defaults otherwise)."""
     saved = K.grad_weight_group, K.choose_rows, K.choose_layouts
     if vary == "group":
-        K.grad_weight_group = lambda t: int(value)
+        K.grad_weight_group = lambda t, layout="nchw": int(value)
     elif vary == "rows":
         K.choose_rows = lambda lanes, simd: int(value)
     elif vary == "direct":  # forward and grad-input layout
@@ -56,7 +59,7 @@ def runner_with(vary: str, value: str, weight, library, ids, hw, target):
     else:
         K.choose_layouts = lambda g, simd, cuda: (*saved[2](g, simd, cuda)[:2], value)
     try:
-        kernels = LayerKernels.build(ConvGeometry.of(weight.shape, hw, 1, 1, 1), library, target)
+        kernels = LayerKernels.build(ConvGeometry.of(weight.shape, hw, 1, 1, 1), library, target, row_groups)
     finally:
         K.grad_weight_group, K.choose_rows, K.choose_layouts = saved
     return LayerRunner(kernels, LayerIndex.build(library, ids, weight.device, kernels.plan))
@@ -67,23 +70,26 @@ def main() -> None:
     parser.add_argument("--vary", choices=sorted(LAYERS), default="group")
     parser.add_argument("--values", nargs="+", default=None)
     parser.add_argument("--connectivity", type=float, default=0.0)
+    parser.add_argument("--pattern-block", default="1x1", help="filters x input channels sharing a pattern")
     args = parser.parse_args()
+    block = parse_pattern_block(args.pattern_block)
     values = args.values or DEFAULT_VALUES[args.vary]
     threads = set_threads(None)
     print(header(threads))
-    print(f"varying {args.vary}; 4/9 patterns, {args.connectivity:.0%} of kernels dropped; "
+    print(f"varying {args.vary}; 4/9 patterns in blocks of {block[0]}x{block[1]}, {args.connectivity:.0%} of kernels dropped; "
           f"ratio = dense time / generated time ({'forward, grad-input' if args.vary in ('rows', 'direct') else 'grad-weight'})")
     target = resolve_target("llvm")
     for c, o, h, w in LAYERS[args.vary]:
         torch.manual_seed(0)
         wt = torch.randn(o, c, 3, 3)
         lib = generate_library({"w": wt ** 2}, 4, 8)
-        ids = assign_patterns(wt ** 2, lib, args.connectivity)
+        ids = assign_patterns(wt ** 2, lib, args.connectivity, block)
+        groups = (row_group_of(ids, MAX_ROW_GROUP), row_group_of(ids.t(), MAX_ROW_GROUP))
         x = torch.randn(64, c, h, w)
         dout = torch.randn(64, o, h, w)
         fns = {}
         for value in values:
-            r = runner_with(args.vary, value, wt, lib, ids, (h, w), target)
+            r = runner_with(args.vary, value, wt, lib, ids, (h, w), target, groups)
             if args.vary not in ("rows", "direct"):
                 xpad = r.pad_input(x)  # the forward's; grad-weight pads its own if its layout differs
                 fns[value] = (lambda r=r, xpad=xpad: r.grad_weight(dout, x, xpad, wt))

@@ -195,15 +195,22 @@ def _tile(layout: str, height: int, width: int, target: KernelTarget, cuda: bool
     return group, rows, lanes, _round_up(height, rows), _round_up(width, lanes)
 
 
-GRAD_WEIGHT_GROUP = 2  # measured on AVX-512 (docs/performance.md): 2 beats 1 by 6-30 %, 4 loses 2-3x
+GRAD_WEIGHT_GROUP = 2  # measured on AVX-512 (docs/performance.md): 2 beats 1 by 6-30 %
+GRAD_WEIGHT_GROUP_CHWN = 4  # chwn, with 32 vector registers: 4 beats 2 on 4x4 and 8x8 maps
 
 
-def grad_weight_group(target: KernelTarget) -> int:
+def grad_weight_group(target: KernelTarget, layout: str = "nchw") -> int:
     """Kept kernels per grad-weight block. Two: ``2 x k`` accumulators and ``k + 2`` loaded
-    vectors fit even AVX2's 16 registers; with four, LLVM no longer keeps the accumulators in
-    registers and the kernel ran 2-3x slower than kernel by kernel. CUDA takes one kernel per
-    thread."""
-    return 1 if target.name == "cuda" else GRAD_WEIGHT_GROUP
+    vectors fit even AVX2's 16 registers. Four, in chwn on a CPU with 32 registers (AVX-512):
+    measured (session 6, ``tile_variants.py --vary group``, one buffer of accumulators per
+    kernel) 256->256 4x4 1.46x -> 1.73x of dense per kernel and 2.07x -> 2.28x on 4x4 blocks,
+    64->64 8x8 1.17x -> 1.25x and 1.52x -> 1.78x, 128->256 7x7 3-5 % slower; in nchw four
+    lost (16->16 28x28 1.31x -> 0.99x: half-empty blocks on few filters). (Session 3 measured
+    four 2-3x slower: its accumulators, 1 KB in one buffer, lived on TVM's heap.) CUDA takes
+    one kernel per thread."""
+    if target.name == "cuda":
+        return 1
+    return GRAD_WEIGHT_GROUP_CHWN if layout == "chwn" and target.simd_lanes >= 16 else GRAD_WEIGHT_GROUP
 
 
 def grad_weight_blocks(fwd: FilterKernelLayout, num_patterns: int, group: int):
@@ -287,7 +294,7 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     gw_in_w = max(fwd_in[1], (gw_w - 1) * sw + 2 * dw + 1)
     grad_weight = GradWeightSpec(f"ct_wgrad_{gw_layout}_{tag}", geom.in_channels, geom.out_channels,
                                  fwd_in[0], gw_in_w, geom.out_h, geom.out_h, gw_w, geom.stride, fwd_offsets,
-                                 gw_lanes, gw_layout, group=grad_weight_group(target))
+                                 gw_lanes, gw_layout, group=grad_weight_group(target, gw_layout))
     plan = KernelPlan(geom, forward, grad_input, grad_weight)
     return plan if cuda else KernelPlan(geom, forward, grad_input, grad_weight, plan_relayouts(plan))
 

@@ -407,29 +407,32 @@ def grad_weight_llvm(s: GradWeightSpec) -> str:
         reduce, x, b = f"b, y, xt in T.grid(n, {s.true_out_h}, {s.out_w // V})", f"xt * {V} + v", "b"
     lines = _header(s.name, GRAD_WEIGHT_PARAMS) + _grad_weight_buffers(s)
     for p in range(len(s.offsets)):
-        lines += [
-            f"    for j in T.parallel(pptr[{p}], pptr[{p + 1}]):",
-            f'        acc = T.alloc_buffer(({G}, {k}, {V}), "float32", scope="global")',
-            f"        for gi, t in T.grid({G}, {k}):",
-            f"            for v in T.vectorized({V}):",
-            "                acc[gi, t, v] = T.float32(0)",
-            f"        for {reduce}:",
-        ]
+        # one accumulator buffer per kernel of the block: a buffer of 1 KB or more (4 kernels x
+        # 4 weights x 16 lanes) goes to TVM's heap workspace, out of LLVM's registers
+        lines += [f"    for j in T.parallel(pptr[{p}], pptr[{p + 1}]):"]
+        lines += [f'        acc{gi} = T.alloc_buffer(({k}, {V}), "float32", scope="global")' for gi in range(G)]
+        for gi in range(G):
+            lines += [f"        for t in range({k}):",
+                      f"            for v in T.vectorized({V}):",
+                      f"                acc{gi}[t, v] = T.float32(0)"]
+        lines.append(f"        for {reduce}:")
         for gi in range(G):
             for t in range(k):
                 lines += [f"            for v in T.vectorized({V}):",
-                          f"                acc[{gi}, {t}, v] = acc[{gi}, {t}, v] + " + _gw_term(s, gi, t, p, x, b)]
+                          f"                acc{gi}[{t}, v] = acc{gi}[{t}, v] + " + _gw_term(s, gi, t, p, x, b)]
         assert V & (V - 1) == 0, "lanes meet in a halving tree"
         # lanes meet in a tree of vector adds (halving in place), not a serial scalar chain:
         # on small maps that chain cost about as much as the reduction over the map
         half = V // 2
         while half >= 1:
-            lines += [f"        for gi, t in T.grid({G}, {k}):",
-                      f"            for v in T.vectorized({half}):",
-                      f"                acc[gi, t, v] = acc[gi, t, v] + acc[gi, t, v + {half}]"]
+            for gi in range(G):
+                lines += [f"        for t in range({k}):",
+                          f"            for v in T.vectorized({half}):",
+                          f"                acc{gi}[t, v] = acc{gi}[t, v] + acc{gi}[t, v + {half}]"]
             half //= 2
-        lines += [f"        for gi, t in T.grid({G}, {k}):",
-                  "            g[gidx[j, gi, t]] = acc[gi, t, 0]"]
+        for gi in range(G):
+            lines += [f"        for t in range({k}):",
+                      f"            g[gidx[j, {gi}, t]] = acc{gi}[t, 0]"]
     return "\n".join(lines) + "\n"
 
 
