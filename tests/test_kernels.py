@@ -116,6 +116,27 @@ def test_grouped_rows_match_masked_dense_conv(case, block, groups):
     assert (plan.forward.row_group, plan.grad_input.row_group) == groups
 
 
+def test_strided_grad_input_runs_one_kernel_per_stride_phase():
+    """Before: a stride-2 conv's grad-input ran on the zero-inserted output gradient (four
+    times the work, three quarters of it on zeros). Expected: one stride-1 kernel per input
+    phase, each with only the taps that reach it (some patterns with none), every tap in
+    exactly one phase, reading the gradient padded, not spread; numerics as the masked conv."""
+    from clicktrain.patterns import pattern_offsets
+    plan, sources = planned(6, 8, 15, 2, "llvm")
+    phases = plan.grad_input_phases
+    assert [phase for phase, _ in phases] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    library = ct.patterns.fixed_library(4, 4)
+    for p in range(len(library)):
+        split = sorted(pos for _, spec in phases for pos in spec.positions[p])
+        assert split == sorted(3 * dy + dx for dy, dx in pattern_offsets(library[p]))
+    assert any(not spec.offsets[p] for _, spec in phases for p in range(len(library)))
+    assert plan.grad_input.name not in sources and all(spec.name in sources for _, spec in phases)
+    assert plan.relayouts["grad_input_in"].spread == (1, 1)
+    check_against_masked_dense_conv((3, 6, 8, 15, 15, 2, 1, 1, 0.3, True))
+    check_against_masked_dense_conv((2, 5, 6, 14, 17, (2, 3), (0, 2), (2, 1), 0.0, False))  # 6 phases, dilation
+    check_against_masked_dense_conv((2, 8, 8, 16, 16, 2, 1, 1, 0.5, False), block=(2, 4))  # grouped phases
+
+
 def test_row_groups_are_found_only_where_ids_repeat():
     from clicktrain.passes.reorder import FilterKernelLayout, row_group_of
     lib = ct.patterns.fixed_library(4, 4)
@@ -234,7 +255,7 @@ def test_layout_choice_per_kernel_kind(simd):
 
     def layouts(h, stride):
         plan = plan_kernels(ConvGeometry.of((8, 8, 3, 3), (h, h), stride, 1, 1), library, cpu)
-        return tuple(spec.layout for spec in plan.specs)
+        return tuple(spec.layout for spec in (plan.forward, plan.grad_input, plan.grad_weight))
     assert layouts(4, 1) == ("chwn", "chwn", "chwn")
     assert layouts(8, 2) == ("chwn", "chwn", "chwn")
     assert layouts(16, 2) == ("chwn", "nchw", "nchw")

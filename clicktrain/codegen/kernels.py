@@ -9,6 +9,7 @@ pattern assignment needs no recompilation.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -79,10 +80,15 @@ class KernelPlan:
     # generated copies between torch's nchw activations and the kernels' buffers, by role
     # (plan_relayouts); a role without one is copied by torch
     relayouts: dict = field(default_factory=dict)
+    # strided CPU grad-input: one kernel per stride phase ((row phase, column phase), spec),
+    # compiled instead of ``grad_input`` (which then only describes the layout they share)
+    grad_input_phases: tuple = ()
 
     @property
     def specs(self):
-        return (self.forward, self.grad_input, self.grad_weight)
+        """The compiled kernels' specs: forward, grad-input (or its phases), grad-weight."""
+        grad_input = tuple(spec for _, spec in self.grad_input_phases) or (self.grad_input,)
+        return (self.forward, *grad_input, self.grad_weight)
 
     @property
     def grad_weight_reads_forward_input(self) -> bool:
@@ -240,6 +246,50 @@ def grad_weight_blocks(fwd: FilterKernelLayout, num_patterns: int, group: int):
     return filters, fwd.kernel_channel[first], positions, pointer
 
 
+STRIDE_PHASES = True  # strided CPU grad-input by stride phases (False: on the zero-inserted gradient)
+
+
+def _phase_taps(phase: int, stride: int, padding: int, dilation: int) -> dict[int, int]:
+    """One axis of a strided conv's grad-input: input index ``stride * q + phase`` receives
+    from tap ``t`` (0..2) exactly the output gradient at ``q + offset``; the taps of other
+    phases miss it. Returns {tap: offset} for the taps that reach this phase."""
+    return {t: (phase + padding - t * dilation) // stride for t in range(3)
+            if (phase + padding - t * dilation) % stride == 0}
+
+
+def plan_grad_input_phases(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget, template: DirectConvSpec
+                           ) -> tuple[tuple, tuple[int, int], tuple[int, int]]:
+    """The stride-phase decomposition of a strided conv's grad-input: per phase ``(ry, rx)``
+    of the input, a stride-1 direct conv over the (padded, not zero-inserted) output gradient
+    with only the taps that reach that phase (each tap reaches exactly one): a quarter of the
+    work of the zero-inserted gradient at stride 2. Returns (((ry, rx), spec), ...), the
+    output gradient's padding (top, left) and its frame (H, W), shared by every phase."""
+    (sh, sw), (ph, pw), (dh, dw) = geom.stride, geom.padding, geom.dilation
+    found = []
+    for ry in range(sh):
+        for rx in range(sw):
+            q = (-(-(geom.in_h - ry) // sh), -(-(geom.in_w - rx) // sw))
+            if min(q) <= 0:
+                continue
+            taps = (_phase_taps(ry, sh, ph, dh), _phase_taps(rx, sw, pw, dw))
+            # the template's row group at most: the phases share its layout
+            tile = _tile("nchw", q[0], q[1], target, False, template.row_group)
+            found.append(((ry, rx), q, taps, tile))
+    offsets_y = [o for _, _, (ty, _), _ in found for o in ty.values()] or [0]
+    offsets_x = [o for _, _, (_, tx), _ in found for o in tx.values()] or [0]
+    top, left = max(0, -min(offsets_y)), max(0, -min(offsets_x))
+    frame = (max(t[3] for *_, t in found) + max(offsets_y) + top, max(t[4] for *_, t in found) + max(offsets_x) + left)
+    phases = []
+    for (ry, rx), q, (ty, tx), (group, rows, lanes, qh, qw) in found:
+        kept = [[(3 * dy + dx, (ty[dy] + top, tx[dx] + left)) for dy, dx in pattern_offsets(p) if dy in ty and dx in tx]
+                for p in library]
+        phases.append(((ry, rx), dataclasses.replace(
+            template, name=f"{template.name}_ph{ry}{rx}", in_h=frame[0], in_w=frame[1], out_h=qh, out_w=qw,
+            offsets=tuple(tuple(o for _, o in taps) for taps in kept), rows=rows, lanes=lanes, stored=q,
+            positions=tuple(tuple(pos for pos, _ in taps) for taps in kept), row_group=group, kept=template.k)))
+    return tuple(phases), (top, left), frame
+
+
 def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget,
                  row_groups: tuple[int, int] = (1, 1)) -> KernelPlan:
     """``row_groups``: (filters, input channels) that come in groups of equal pattern ids
@@ -295,8 +345,14 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     grad_weight = GradWeightSpec(f"ct_wgrad_{gw_layout}_{tag}", geom.in_channels, geom.out_channels,
                                  fwd_in[0], gw_in_w, geom.out_h, geom.out_h, gw_w, geom.stride, fwd_offsets,
                                  gw_lanes, gw_layout, group=grad_weight_group(target, gw_layout))
-    plan = KernelPlan(geom, forward, grad_input, grad_weight)
-    return plan if cuda else KernelPlan(geom, forward, grad_input, grad_weight, plan_relayouts(plan))
+    phases = ()
+    if STRIDE_PHASES and not cuda and gi_layout == "nchw" and geom.stride != (1, 1):
+        grad_input = dataclasses.replace(grad_input, gathered_weight=False)  # phases read the dense weight
+        phases = plan_grad_input_phases(geom, library, target, grad_input)
+    plan = KernelPlan(geom, forward, grad_input, grad_weight, grad_input_phases=phases[0] if phases else ())
+    if cuda:
+        return plan
+    return dataclasses.replace(plan, relayouts=plan_relayouts(plan, phases[1:] if phases else None))
 
 
 def _relayout(kind: str, spec, channels: int, src_hw: tuple[int, int], frame: tuple[int, int],
@@ -310,7 +366,7 @@ def _relayout(kind: str, spec, channels: int, src_hw: tuple[int, int], frame: tu
     return RelayoutSpec(name, kind, spec.layout, channels, *src_hw, *frame, *at, spec.lanes, tuple(spread), phases)
 
 
-def plan_relayouts(plan: KernelPlan) -> dict[str, RelayoutSpec]:
+def plan_relayouts(plan: KernelPlan, phase_frame=None) -> dict[str, RelayoutSpec]:
     """The copies around the three kernels, by role: each kernel's input frame (the padded
     input, the output gradient zero-inserted (where strided) and padded, grad-weight's output
     gradient and, where it cannot share the forward's, its own padded input) and the chwn
@@ -320,8 +376,13 @@ def plan_relayouts(plan: KernelPlan) -> dict[str, RelayoutSpec]:
     (sh, sw), (dh, dw), (ph, pw) = g.stride, g.dilation, g.padding
     out_hw, in_hw = (g.out_h, g.out_w), (g.in_h, g.in_w)
     # the output gradient spread by the stride (zero insertion) and padded, in one copy
-    roles = {"grad_input_in": _relayout("pad", gi, g.out_channels, out_hw, (gi.in_h, gi.in_w), (2 * dh - ph, 2 * dw - pw),
-                                        (sh, sw)),
+    if phase_frame:  # the stride phases read the output gradient padded, not spread
+        (top, left), frame = phase_frame
+        grad_input_in = _relayout("pad", gi, g.out_channels, out_hw, frame, (top, left))
+    else:
+        grad_input_in = _relayout("pad", gi, g.out_channels, out_hw, (gi.in_h, gi.in_w), (2 * dh - ph, 2 * dw - pw),
+                                  (sh, sw))
+    roles = {"grad_input_in": grad_input_in,
              "grad_weight_dout": _relayout("pad", gw, g.out_channels, out_hw, (gw.out_h, gw.out_w))}
     roles["forward_in"] = _relayout("pad", fwd, g.in_channels, in_hw, (fwd.in_h, fwd.in_w), (ph, pw),
                                     phases=fwd.phases)
@@ -339,8 +400,7 @@ def kernel_sources(plan: KernelPlan, target: KernelTarget) -> dict[str, str]:
     around them."""
     cuda = target.name == "cuda"
     direct, wgrad = (direct_conv_cuda, grad_weight_cuda) if cuda else (direct_conv_llvm, grad_weight_llvm)
-    sources = {plan.forward.name: direct(plan.forward), plan.grad_input.name: direct(plan.grad_input),
-               plan.grad_weight.name: wgrad(plan.grad_weight)}
+    sources = {spec.name: (wgrad if spec is plan.grad_weight else direct)(spec) for spec in plan.specs}
     sources.update({spec.name: relayout_llvm(spec) for spec in plan.relayouts.values()})
     if plan.grad_input.gathered_weight:
         sources[gather_name(plan.grad_input.k)] = gather_weights_llvm(gather_name(plan.grad_input.k), plan.grad_input.k)
@@ -363,6 +423,7 @@ class LayerKernels:
     cache_hits: int = 0
     relayouts: dict = field(default_factory=dict)  # role -> compiled copy (plan.relayouts)
     gather_weights: object = None  # grad-input's weight gather, where plan.grad_input.gathered_weight
+    grad_input_phases: tuple = ()  # compiled plan.grad_input_phases (grad_input is then None)
 
     @classmethod
     def build(cls, geom: ConvGeometry, library: torch.Tensor, target: KernelTarget,
@@ -381,7 +442,11 @@ class LayerKernels:
             kernels.cache_hits += int(hit)
             modules.append(module)
             funcs.append(module[spec.name] if runnable else None)
-        kernels.forward, kernels.grad_input, kernels.grad_weight = funcs
+        kernels.forward, *grad_input, kernels.grad_weight = funcs
+        if plan.grad_input_phases:
+            kernels.grad_input_phases = tuple(grad_input)
+        else:
+            kernels.grad_input = grad_input[0]
         kernels._modules = modules
         gather = gather_name(plan.grad_input.k)
         if plan.grad_input.gathered_weight:
@@ -397,7 +462,7 @@ class LayerKernels:
         return kernels
 
     def source_hash(self) -> str:
-        """Short hash of the three kernels' sources: changes whenever the generated code does."""
+        """Short hash of the kernels' sources: changes whenever the generated code does."""
         import hashlib
         return hashlib.sha256("\n".join(self.sources[k] for k in sorted(self.sources)).encode()).hexdigest()[:12]
 

@@ -80,6 +80,9 @@ class DirectConvSpec:
     # nchw: output rows per task that share their runs of kept kernels (the layout's rows come
     # in groups of this many with equal source channels and patterns: block granularity)
     row_group: int = 1
+    # weights per kept kernel, where ``offsets`` hold fewer: one stride phase's taps of each
+    # pattern (a pattern may have none), ``positions`` the same taps' weight positions
+    kept: int = 0
 
     @property
     def channel_blocks(self) -> int:
@@ -94,7 +97,7 @@ class DirectConvSpec:
 
     @property
     def k(self) -> int:
-        return len(self.offsets[0])
+        return self.kept or len(self.offsets[0])
 
     @property
     def out_extent(self) -> tuple[int, int]:
@@ -231,6 +234,8 @@ def direct_conv_llvm(s: DirectConvSpec) -> str:
     for g in range(G):
         lines += _vector_tile(loops, V, 12, f"{acc(g)} = {f'bias[perm[{row(g)}]]' if s.bias else 'T.float32(0)'}")
     for p in range(len(s.offsets)):
+        if not s.offsets[p]:  # a stride phase holding none of the pattern's taps
+            continue
         lines.append(f"            for j in range(ptr[{row(0)}, {p}], ptr[{row(0)}, {p + 1}]):")
         for g in range(G):
             lines += _vector_tile(loops, V, 16, _fma_chain(acc(g), s, p, batch, y, x, row=row(g)))
