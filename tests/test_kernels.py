@@ -544,13 +544,17 @@ def test_timing_alternates_in_snake_order():
 
 def test_strided_forward_reads_column_phases():
     """A stride-2 nchw forward reads its input split into two column phases: offset dx comes
-    from phase dx % 2 at column x + dx // 2, a contiguous vector (grad-weight pads its own)."""
+    from phase dx % 2 at column x + dx // 2, a contiguous vector. Grad-weight reads the same
+    buffer the same way (before session 6 it padded its own input and loaded every other
+    column)."""
     plan, sources = planned(8, 16, 28, 2, "llvm")
-    fwd = plan.forward
-    assert fwd.layout == "nchw" and fwd.phases == 2 and not plan.grad_weight_reads_forward_input
+    fwd, gw = plan.forward, plan.grad_weight
+    assert fwd.layout == "nchw" and fwd.phases == 2 and gw.phases == 2 and plan.grad_weight_reads_forward_input
     source = sources[fwd.name]
     assert f"inp = T.match_buffer(inp_h, (2, n, 8, {fwd.in_h}, {-(-fwd.in_w // 2)})" in source
     assert "inp[1, bf // 16, src[j], (yt" in source and f"xt * {fwd.lanes} + v + 1]" in source
+    assert f"inp = T.match_buffer(inp_h, (2, n, 8, {fwd.in_h}, {-(-fwd.in_w // 2)})" in sources[gw.name]
+    assert "grad_weight_in" not in plan.relayouts
 
 
 def expected_chwn(x: torch.Tensor, top: int, left: int, rows: int, cols: int, lanes: int) -> torch.Tensor:

@@ -94,7 +94,7 @@ class KernelPlan:
     def grad_weight_reads_forward_input(self) -> bool:
         """Grad-weight can read the forward's padded input: same layout, same extent."""
         gw, fwd = self.grad_weight, self.forward
-        return fwd.phases == 1 and (gw.layout, gw.in_h, gw.in_w) == (fwd.layout, fwd.in_h, fwd.in_w)
+        return (gw.layout, gw.in_h, gw.in_w, gw.phases) == (fwd.layout, fwd.in_h, fwd.in_w, fwd.phases)
 
 
 DIRECT_ACCUMULATORS = 8  # vector registers an nchw direct-conv tile holds (measured best: choose_rows)
@@ -344,7 +344,9 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     gw_in_w = max(fwd_in[1], (gw_w - 1) * sw + 2 * dw + 1)
     grad_weight = GradWeightSpec(f"ct_wgrad_{gw_layout}_{tag}", geom.in_channels, geom.out_channels,
                                  fwd_in[0], gw_in_w, geom.out_h, geom.out_h, gw_w, geom.stride, fwd_offsets,
-                                 gw_lanes, gw_layout, group=grad_weight_group(target, gw_layout))
+                                 gw_lanes, gw_layout, group=grad_weight_group(target, gw_layout),
+                                 # strided rows read column phases (contiguous vectors), as the forward
+                                 phases=sw if gw_layout == "nchw" and not cuda else 1)
     phases = ()
     if STRIDE_PHASES and not cuda and gi_layout == "nchw" and geom.stride != (1, 1):
         grad_input = dataclasses.replace(grad_input, gathered_weight=False)  # phases read the dense weight
@@ -387,7 +389,8 @@ def plan_relayouts(plan: KernelPlan, phase_frame=None) -> dict[str, RelayoutSpec
     roles["forward_in"] = _relayout("pad", fwd, g.in_channels, in_hw, (fwd.in_h, fwd.in_w), (ph, pw),
                                     phases=fwd.phases)
     if not plan.grad_weight_reads_forward_input:
-        roles["grad_weight_in"] = _relayout("pad", gw, g.in_channels, in_hw, (gw.in_h, gw.in_w), (ph, pw))
+        roles["grad_weight_in"] = _relayout("pad", gw, g.in_channels, in_hw, (gw.in_h, gw.in_w), (ph, pw),
+                                            phases=gw.phases)
     if fwd.layout == "chwn":
         roles["forward_out"] = _relayout("unpad", fwd, g.out_channels, out_hw, (fwd.out_h, fwd.out_w))
     if gi.layout == "chwn":

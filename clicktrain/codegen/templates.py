@@ -91,9 +91,7 @@ class DirectConvSpec:
     @property
     def input_shape(self) -> str:
         """The input buffer's shape (``n``: the batch)."""
-        if self.phases > 1:
-            return f"({self.phases}, n, {self.src_channels}, {self.in_h}, {-(-self.in_w // self.phases)})"
-        return _activation(self.src_channels, self.in_h, self.in_w, self.layout, self.lanes)
+        return _input_shape(self)
 
     @property
     def k(self) -> int:
@@ -126,6 +124,11 @@ class GradWeightSpec:
     lanes: int
     layout: str = "nchw"
     group: int = 1      # kept kernels per block (same input channel and pattern)
+    phases: int = 1     # nchw, column stride > 1: the input split into its column phases, as the forward's
+
+    @property
+    def input_shape(self) -> str:
+        return _input_shape(self)
 
     @property
     def k(self) -> int:
@@ -147,6 +150,14 @@ def _header(name: str, params: list[str]) -> list[str]:
             f'    T.func_attr({{"global_symbol": "{name}", "tir.noalias": True}})',
             "    n = T.int32()",
             "    kk = T.int32()"]
+
+
+def _input_shape(s) -> str:
+    """The shape of a kernel's input buffer (``n``: the batch): with column phases
+    ``(phases, n, C, H, ceil(W / phases))``, else the activation layout."""
+    if s.phases > 1:
+        return f"({s.phases}, n, {s.src_channels}, {s.in_h}, {-(-s.in_w // s.phases)})"
+    return _activation(s.src_channels, s.in_h, s.in_w, s.layout, s.lanes)
 
 
 def _activation(channels: int, h: int, w: int, layout: str, lanes: int) -> str:
@@ -383,7 +394,7 @@ def _grad_weight_buffers(s: GradWeightSpec) -> list[str]:
     P = len(s.offsets)
     return [
         f'    dout = T.match_buffer(dout_h, {_activation(s.dst_channels, s.out_h, s.out_w, s.layout, s.lanes)}, "float32")',
-        f'    inp = T.match_buffer(inp_h, {_activation(s.src_channels, s.in_h, s.in_w, s.layout, s.lanes)}, "float32")',
+        f'    inp = T.match_buffer(inp_h, {s.input_shape}, "float32")',
         f'    bf = T.match_buffer(bf_h, (kk, {s.group}), "int32")',
         f'    bc = T.match_buffer(bc_h, (kk,), "int32")',
         f'    gidx = T.match_buffer(gidx_h, (kk, {s.group}, {s.k}), "int32")',
@@ -399,6 +410,8 @@ def _gw_term(s: GradWeightSpec, gi: int, t: int, p: int, x: str, b: str = "b", y
     sh, sw = s.stride
     if s.layout == "chwn":
         return f"dout[{b}, bf[j, {gi}], {y}, {x}, v] * inp[{b}, bc[j], ({y}) * {sh} + {dy}, ({x}) * {sw} + {dx}, v]"
+    if s.phases > 1:  # contiguous along the row: column phase dx % s, from column x + dx // s
+        return f"dout[{b}, bf[j, {gi}], {y}, {x}] * inp[{dx % sw}, {b}, bc[j], ({y}) * {sh} + {dy}, {x} + {dx // sw}]"
     return f"dout[{b}, bf[j, {gi}], {y}, {x}] * inp[{b}, bc[j], ({y}) * {sh} + {dy}, ({x}) * {sw} + {dx}]"
 
 
