@@ -521,13 +521,16 @@ def test_cuda_grad_weight_reduces_across_threads():
 def test_direct_conv_stores_the_true_output_size():
     """An nchw tile grid that overhangs the output stores straight into the true-size output
     (no crop copy afterwards): rows past the height are skipped, the overhanging column tile
-    stores lane by lane, the others whole vectors."""
+    stores its 30 valid lanes of 32 as vectors of 16, 8, 4 and 2 (before session 6: lane by
+    lane), the others whole vectors."""
     plan, sources = planned(16, 16, 30, 1, "llvm")
     fwd = plan.forward
     assert fwd.layout == "nchw" and fwd.out_extent == (30, 30) and fwd.out_w > 30
     source = sources[fwd.name]
     assert "out = T.match_buffer(out_h, (n, 16, 30, 30)" in source
-    assert f"if xt * {fwd.lanes} + {fwd.lanes} <= 30:" in source and f"if xt * {fwd.lanes} + v < 30:" in source
+    assert fwd.lanes == 32 and "if xt * 32 + 32 <= 30:" in source and "if xt * 32 + v < 30:" not in source
+    for piece, start in [(16, 0), (8, 16), (4, 24), (2, 28)]:
+        assert f"for v in T.vectorized({piece}):" in source and f"xt * 32 + v + {start}] = acc[r, v + {start}]" in source
     if fwd.out_h > 30:
         assert f"if yt * {fwd.rows} + r < 30:" in source
 
