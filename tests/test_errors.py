@@ -72,6 +72,9 @@ def test_not_a_module():
     ({"connectivity": 1.0}, r"connectivity .* \[0, 1\)"),
     ({"connectivity": -0.1}, "connectivity"),
     ({"skip": (3,)}, "skip must be a tuple of module names"),
+    ({"pattern_block": "2y2"}, r"pattern_block must be \(filters, input channels\).*got '2y2'"),
+    ({"pattern_block": (0, 2)}, "pattern_block"),
+    ({"pattern_block": (2, 2, 2)}, "pattern_block"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ct.ConfigError, match=match):
@@ -80,6 +83,11 @@ def test_bad_config(kwargs, match):
 
 def test_skip_accepts_a_single_string():
     assert ct.PruneConfig(skip="features.3").skip == ("features.3",)
+
+
+def test_pattern_block_accepts_a_string():
+    assert ct.PruneConfig(pattern_block="4x2").pattern_block == (4, 2)
+    assert ct.PruneConfig().pattern_block == (1, 1)
 
 
 def test_config_of_wrong_type():

@@ -122,6 +122,36 @@ def test_generated_library_keeps_more_importance_than_fixed():
     assert kept["generated"] >= kept["frequency"] - 1e-9
 
 
+def test_pattern_blocks_share_one_pattern_and_drop_together():
+    """Before: each kernel takes its own best pattern. Expected with blocks of 2 filters x 3
+    channels: every block one pattern, the one keeping most of the block's importance;
+    whole blocks dropped, the weakest per kernel first, no more than the connectivity allows
+    (the edge blocks of 5 filters are 1 x 3); (1, 1) is exactly the per-kernel selection."""
+    from clicktrain.runtime.selection import assign_patterns
+    torch.manual_seed(0)
+    imp = torch.rand(5, 6, 3, 3) ** 4
+    lib = generate_library({"a": imp}, 4, 4)
+    assert torch.equal(assign_patterns(imp, lib, 0.3, (1, 1)), assign_patterns(imp, lib, 0.3))
+    ids = assign_patterns(imp, lib, 0.3, (2, 3))
+    blocks = [(slice(f, f + 2), slice(c, c + 3)) for f in (0, 2, 4) for c in (0, 3)]
+    for rows, cols in blocks:
+        block = ids[rows, cols]
+        assert bool((block == block.flatten()[0]).all())
+        if int(block.flatten()[0]) >= 0:  # the block's best pattern on its summed importance
+            pooled = imp[rows, cols].reshape(-1, 9).sum(0)
+            scores = (lib.float() * pooled).sum(1)
+            assert int(block.flatten()[0]) == int(scores.argmax())
+    dropped = int((ids < 0).sum())
+    assert 0 < dropped <= 0.3 * 30
+
+    def kept_per_kernel(rows, cols):  # importance the block's best pattern keeps, per kernel
+        pooled = imp[rows, cols].reshape(-1, 9)
+        return float((lib.float() @ pooled.sum(0)).max()) / pooled.shape[0]
+    dropped_scores = [kept_per_kernel(r, c) for r, c in blocks if int(ids[r, c].flatten()[0]) < 0]
+    kept_scores = [kept_per_kernel(r, c) for r, c in blocks if int(ids[r, c].flatten()[0]) >= 0]
+    assert dropped_scores and max(dropped_scores) <= min(kept_scores)
+
+
 def test_connectivity_ramp_over_layers_keeps_the_target_on_average():
     kernels = [512, 2048, 4096, 4096]
     ratios = ramped_connectivity(0.6, kernels)
