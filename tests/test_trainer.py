@@ -44,8 +44,12 @@ def test_llvm_training_races_generated_kernels_against_torch(tmp_path, fashion_d
     race = final["kernel_race"]  # 32 steps in the hard epoch: 2 x (2 warm-up + 12 timed) decide it
     assert race["chosen"] in ("generated", "torch") and race["generated_ms"] > 0 and race["torch_ms"] > 0
     assert final["test_accuracy"] > 0.5 and final["compression_ratio"] > 4.0
-    off = Trainer(TrainConfig(out=str(tmp_path / "off"), kernel_race=False, **cfg)).run()
-    assert "kernel_race" not in off
+    # without the race, and patterns shared by blocks of 2 filters x 2 channels (--pattern-block)
+    off = Trainer(TrainConfig(out=str(tmp_path / "off"), kernel_race=False, pattern_block="2x2", **cfg)).run()
+    assert "kernel_race" not in off and off["test_accuracy"] > 0.5
+    model = torch.load(tmp_path / "off" / "checkpoint.pt", weights_only=False)["model"]
+    ids = [v for k, v in model.items() if k.endswith("pattern_ids")]
+    assert ids and all(torch.equal(i, i[::2, ::2].repeat_interleave(2, 0).repeat_interleave(2, 1)) for i in ids)
 
 
 @pytest.mark.slow
