@@ -11,6 +11,8 @@ ratio = dense time / generated time.
     .venv/bin/python benchmarks/tile_variants.py --vary layout [--values chwn nchw]
     .venv/bin/python benchmarks/tile_variants.py --vary direct [--values chwn nchw]
     .venv/bin/python benchmarks/tile_variants.py --vary group --pattern-block 4x4   # on blocked ids
+    .venv/bin/python benchmarks/tile_variants.py --vary rowgroup --pattern-block 4x4 [--values 1 2 4]
+    .venv/bin/python benchmarks/tile_variants.py --vary phases [--values on off]   # stride-2 grad-input
 """
 
 from __future__ import annotations
@@ -42,26 +44,35 @@ LAYERS = {  # (in, out, h, w): grad-weight runs nchw and chwn; rows matter where
                (256, 256, 4, 4), (128, 128, 2, 2), (512, 512, 2, 2)],
     "direct": [(64, 64, 7, 7), (64, 64, 8, 8), (128, 256, 7, 7), (256, 256, 7, 7), (128, 256, 8, 8),
                (256, 256, 8, 8), (32, 32, 14, 14), (128, 128, 14, 14)],
+    "rowgroup": [(64, 128, 16, 16), (128, 128, 16, 16), (16, 16, 28, 28), (16, 16, 32, 32), (64, 64, 8, 8),
+                 (256, 256, 7, 7), (512, 512, 4, 4), (512, 512, 2, 2)],
+    "phases": [(16, 32, 32, 32), (32, 64, 16, 16), (16, 32, 28, 28), (32, 64, 14, 14), (64, 128, 16, 16)],
 }
 DEFAULT_VALUES = {"group": ["1", "2", "4"], "rows": ["2", "4", "8"], "layout": ["chwn", "nchw"],
-                  "direct": ["chwn", "nchw"]}
+                  "direct": ["chwn", "nchw"], "rowgroup": ["1", "2", "4"], "phases": ["off", "on"]}
+DIRECT = ("rows", "direct", "rowgroup", "phases")  # the variants timed on forward and grad-input
+STRIDE = {"phases": 2}  # the layers' stride (1 unless named)
 
 
 def runner_with(vary: str, value: str, weight, library, ids, hw, target, row_groups=(1, 1)):
     """A LayerRunner whose plan uses ``value`` for the varied choice (the defaults otherwise)."""
-    saved = K.grad_weight_group, K.choose_rows, K.choose_layouts
+    saved = K.grad_weight_group, K.choose_rows, K.choose_layouts, K.STRIDE_PHASES
+    if vary == "rowgroup":  # at most ``value`` rows per group (the ids' own groups at most)
+        row_groups = tuple(min(int(value), g) for g in row_groups)
+    K.STRIDE_PHASES = value != "off" if vary == "phases" else saved[3]
     if vary == "group":
         K.grad_weight_group = lambda t, layout="nchw": int(value)
     elif vary == "rows":
         K.choose_rows = lambda lanes, simd: int(value)
     elif vary == "direct":  # forward and grad-input layout
         K.choose_layouts = lambda g, simd, cuda: (value, value, saved[2](g, simd, cuda)[2])
-    else:
+    elif vary == "layout":
         K.choose_layouts = lambda g, simd, cuda: (*saved[2](g, simd, cuda)[:2], value)
     try:
-        kernels = LayerKernels.build(ConvGeometry.of(weight.shape, hw, 1, 1, 1), library, target, row_groups)
+        kernels = LayerKernels.build(ConvGeometry.of(weight.shape, hw, STRIDE.get(vary, 1), 1, 1), library, target,
+                                     row_groups)
     finally:
-        K.grad_weight_group, K.choose_rows, K.choose_layouts = saved
+        K.grad_weight_group, K.choose_rows, K.choose_layouts, K.STRIDE_PHASES = saved
     return LayerRunner(kernels, LayerIndex.build(library, ids, weight.device, kernels.plan))
 
 
@@ -77,7 +88,7 @@ def main() -> None:
     threads = set_threads(None)
     print(header(threads))
     print(f"varying {args.vary}; 4/9 patterns in blocks of {block[0]}x{block[1]}, {args.connectivity:.0%} of kernels dropped; "
-          f"ratio = dense time / generated time ({'forward, grad-input' if args.vary in ('rows', 'direct') else 'grad-weight'})")
+          f"ratio = dense time / generated time ({'forward, grad-input' if args.vary in DIRECT else 'grad-weight'})")
     target = resolve_target("llvm")
     for c, o, h, w in LAYERS[args.vary]:
         torch.manual_seed(0)
@@ -85,33 +96,34 @@ def main() -> None:
         lib = generate_library({"w": wt ** 2}, 4, 8)
         ids = assign_patterns(wt ** 2, lib, args.connectivity, block)
         groups = (row_group_of(ids, MAX_ROW_GROUP), row_group_of(ids.t(), MAX_ROW_GROUP))
+        stride = STRIDE.get(args.vary, 1)
         x = torch.randn(64, c, h, w)
-        dout = torch.randn(64, o, h, w)
+        dout = torch.randn(64, o, (h - 1) // stride + 1, (w - 1) // stride + 1)
         fns = {}
         for value in values:
             r = runner_with(args.vary, value, wt, lib, ids, (h, w), target, groups)
-            if args.vary not in ("rows", "direct"):
+            if args.vary not in DIRECT:
                 xpad = r.pad_input(x)  # the forward's; grad-weight pads its own if its layout differs
                 fns[value] = (lambda r=r, xpad=xpad: r.grad_weight(dout, x, xpad, wt))
             else:
                 fns[(value, "fwd")] = (lambda r=r: r.forward(x, wt, None))
                 fns[(value, "dgrad")] = (lambda r=r: r.grad_input(dout, wt, tuple(x.shape)))
         dense_bwd = (lambda mask: lambda: torch.ops.aten.convolution_backward(
-            dout, x, wt, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask))
-        if args.vary not in ("rows", "direct"):
+            dout, x, wt, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], 1, mask))
+        if args.vary not in DIRECT:
             fns["dense"] = dense_bwd([False, True, False])
         else:
-            fns[("dense", "fwd")] = lambda: torch.nn.functional.conv2d(x, wt, None, 1, 1)
+            fns[("dense", "fwd")] = lambda: torch.nn.functional.conv2d(x, wt, None, stride, 1)
             fns[("dense", "dgrad")] = dense_bwd([True, False, False])
         best = fastest_alternating(fns)
-        if args.vary not in ("rows", "direct"):
+        if args.vary not in DIRECT:
             cells = [f"{args.vary} {v} {best['dense'] / best[v]:.2f}x" for v in values]
             layout = r.kernels.plan.forward.layout + " forward"
         else:
             cells = [f"{args.vary} {v} fwd {best[('dense', 'fwd')] / best[(v, 'fwd')]:.2f}x "
                      f"dgrad {best[('dense', 'dgrad')] / best[(v, 'dgrad')]:.2f}x" for v in values]
             layout = f"{r.kernels.plan.forward.layout}, {r.kernels.plan.forward.lanes} lanes"
-        print(f"{c}->{o} {h}x{w} ({layout}): " + "  ".join(cells), flush=True)
+        print(f"{c}->{o} {h}x{w}{f' s{stride}' if stride > 1 else ''} ({layout}): " + "  ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -430,34 +430,45 @@ def grad_weight_llvm(s: GradWeightSpec) -> str:
         reduce, x, b = f"bb, y, x in T.grid(n, {s.true_out_h}, {s.out_w})", "x", "bb"
     else:
         reduce, x, b = f"b, y, xt in T.grid(n, {s.true_out_h}, {s.out_w // V})", f"xt * {V} + v", "b"
+    # accumulators: one buffer, or one per kernel of the block where one would reach 1 KB (4
+    # kernels x 4 weights x 16 lanes): TVM puts a buffer of 1 KB or more on its heap
+    # workspace, out of LLVM's registers (blocks of 4 then ran 0.4x of dense, against 1.8x
+    # with a buffer per kernel); below that one buffer measured a few per cent faster in nchw
+    split = G * k * V * 4 >= 1024
+
+    def acc(gi, t, v: str) -> str:
+        return f"acc{gi}[{t}, {v}]" if split else f"acc[{gi}, {t}, {v}]"
+
+    def each_weight(indent: int, body) -> list[str]:
+        """``body(gi, t)`` (lines) for every accumulator vector of the block."""
+        pad = " " * indent
+        if not split:
+            return [f"{pad}for gi, t in T.grid({G}, {k}):"] + body("gi", "t")
+        return [line for gi in range(G) for line in [f"{pad}for t in range({k}):"] + body(gi, "t")]
     lines = _header(s.name, GRAD_WEIGHT_PARAMS) + _grad_weight_buffers(s)
     for p in range(len(s.offsets)):
-        # one accumulator buffer per kernel of the block: a buffer of 1 KB or more (4 kernels x
-        # 4 weights x 16 lanes) goes to TVM's heap workspace, out of LLVM's registers
         lines += [f"    for j in T.parallel(pptr[{p}], pptr[{p + 1}]):"]
-        lines += [f'        acc{gi} = T.alloc_buffer(({k}, {V}), "float32", scope="global")' for gi in range(G)]
-        for gi in range(G):
-            lines += [f"        for t in range({k}):",
-                      f"            for v in T.vectorized({V}):",
-                      f"                acc{gi}[t, v] = T.float32(0)"]
+        if split:
+            lines += [f'        acc{gi} = T.alloc_buffer(({k}, {V}), "float32", scope="global")' for gi in range(G)]
+        else:
+            lines += [f'        acc = T.alloc_buffer(({G}, {k}, {V}), "float32", scope="global")']
+        lines += each_weight(8, lambda gi, t: ["            for v in T.vectorized(" + f"{V}):",
+                                               f"                {acc(gi, t, 'v')} = T.float32(0)"])
         lines.append(f"        for {reduce}:")
         for gi in range(G):
             for t in range(k):
                 lines += [f"            for v in T.vectorized({V}):",
-                          f"                acc{gi}[{t}, v] = acc{gi}[{t}, v] + " + _gw_term(s, gi, t, p, x, b)]
+                          f"                {acc(gi, t, 'v')} = {acc(gi, t, 'v')} + " + _gw_term(s, gi, t, p, x, b)]
         assert V & (V - 1) == 0, "lanes meet in a halving tree"
         # lanes meet in a tree of vector adds (halving in place), not a serial scalar chain:
         # on small maps that chain cost about as much as the reduction over the map
         half = V // 2
         while half >= 1:
-            for gi in range(G):
-                lines += [f"        for t in range({k}):",
-                          f"            for v in T.vectorized({half}):",
-                          f"                acc{gi}[t, v] = acc{gi}[t, v] + acc{gi}[t, v + {half}]"]
+            lines += each_weight(8, lambda gi, t, h=half: [
+                f"            for v in T.vectorized({h}):",
+                f"                {acc(gi, t, 'v')} = {acc(gi, t, 'v')} + {acc(gi, t, f'v + {h}')}"])
             half //= 2
-        for gi in range(G):
-            lines += [f"        for t in range({k}):",
-                      f"            g[gidx[j, {gi}, t]] = acc{gi}[t, 0]"]
+        lines += each_weight(8, lambda gi, t: [f"            g[gidx[j, {gi}, {t}]] = {acc(gi, t, '0')}"])
     return "\n".join(lines) + "\n"
 
 
