@@ -202,21 +202,25 @@ def _tile(layout: str, height: int, width: int, target: KernelTarget, cuda: bool
 
 
 GRAD_WEIGHT_GROUP = 2  # measured on AVX-512 (docs/performance.md): 2 beats 1 by 6-30 %
-GRAD_WEIGHT_GROUP_CHWN = 4  # chwn, with 32 vector registers: 4 beats 2 on 4x4 and 8x8 maps
+GRAD_WEIGHT_WIDE_GROUP = 4  # with 32 vector registers: chwn, and nchw maps of <= 16x16 pixels
+GRAD_WEIGHT_WIDE_PIXELS = 256
 
 
-def grad_weight_group(target: KernelTarget, layout: str = "nchw") -> int:
-    """Kept kernels per grad-weight block. Two: ``2 x k`` accumulators and ``k + 2`` loaded
-    vectors fit even AVX2's 16 registers. Four, in chwn on a CPU with 32 registers (AVX-512):
-    measured (session 6, ``tile_variants.py --vary group``, one buffer of accumulators per
-    kernel) 256->256 4x4 1.46x -> 1.73x of dense per kernel and 2.07x -> 2.28x on 4x4 blocks,
-    64->64 8x8 1.17x -> 1.25x and 1.52x -> 1.78x, 128->256 7x7 3-5 % slower; in nchw four
-    lost (16->16 28x28 1.31x -> 0.99x: half-empty blocks on few filters). (Session 3 measured
-    four 2-3x slower: its accumulators, 1 KB in one buffer, lived on TVM's heap.) CUDA takes
-    one kernel per thread."""
+def grad_weight_group(target: KernelTarget, layout: str = "nchw", pixels: int = 0) -> int:
+    """Kept kernels per grad-weight block (sharing an input channel and a pattern). Two:
+    ``2 x k`` accumulators and ``k + 2`` loaded vectors fit even AVX2's 16 registers. Four
+    on a CPU with 32 vector registers (AVX-512), in chwn and on nchw maps of at most
+    ``GRAD_WEIGHT_WIDE_PIXELS`` output pixels. Measured (session 6, ``tile_variants.py
+    --vary group`` and an A/B on 8x8-16x16 layers, per kernel and on 4x4 blocks): chwn
+    256->256 4x4 1.46x -> 1.73x of dense, 128->256 7x7 3-5 % slower; nchw 8x8 +2-17 %
+    (128->256 1.04x -> 1.21x), 14x14 and 16x16 -3 to +9 %, but 16->16 28x28 1.31x -> 0.99x and
+    32x32 1.41x -> 1.24x (long reductions, and half-empty blocks where 16 filters share few
+    channel-pattern pairs). (Session 3 measured four 2-3x slower: its accumulators, 1 KB in
+    one buffer, lived on TVM's heap.) CUDA takes one kernel per thread."""
     if target.name == "cuda":
         return 1
-    return GRAD_WEIGHT_GROUP_CHWN if layout == "chwn" and target.simd_lanes >= 16 else GRAD_WEIGHT_GROUP
+    wide = layout == "chwn" or 0 < pixels <= GRAD_WEIGHT_WIDE_PIXELS
+    return GRAD_WEIGHT_WIDE_GROUP if wide and target.simd_lanes >= 16 else GRAD_WEIGHT_GROUP
 
 
 def grad_weight_blocks(fwd: FilterKernelLayout, num_patterns: int, group: int):
@@ -344,7 +348,8 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     gw_in_w = max(fwd_in[1], (gw_w - 1) * sw + 2 * dw + 1)
     grad_weight = GradWeightSpec(f"ct_wgrad_{gw_layout}_{tag}", geom.in_channels, geom.out_channels,
                                  fwd_in[0], gw_in_w, geom.out_h, geom.out_h, gw_w, geom.stride, fwd_offsets,
-                                 gw_lanes, gw_layout, group=grad_weight_group(target, gw_layout),
+                                 gw_lanes, gw_layout,
+                                 group=grad_weight_group(target, gw_layout, geom.out_h * geom.out_w),
                                  # strided rows read column phases (contiguous vectors), as the forward
                                  phases=sw if gw_layout == "nchw" and not cuda else 1)
     phases = ()
