@@ -309,7 +309,7 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     gi_in = (ih - 1 + 2 * dh + 1, iw - 1 + 2 * dw + 1)
     tag = f"{geom.tag()}_{abs(hash(fwd_offsets)) % 10**8}"
     fwd_tag, gi_tag = (tag + (f"_g{g}" if g > 1 else "") for g in (group_f, group_g))
-    # nchw outputs are stored at their true size (a tile overhanging it stores lane by lane)
+    # nchw outputs are stored at their true size (a tile overhanging it stores narrower vectors)
     fwd_stored = (geom.out_h, geom.out_w) if fwd_layout == "nchw" else None
     gi_stored = (geom.in_h, geom.in_w) if gi_layout == "nchw" else None
     # CPU kernels compute each weight's address (measured 5-25 % faster than loading it from
