@@ -363,6 +363,9 @@ def test_whole_model_loss_and_gradients_equal_torch_reference(name, block):
     assert any("clicktrain_kernels" in n for n, _ in pair["llvm"].named_modules())
     convs = [mod for mod in pair["llvm"].modules() if isinstance(mod, PatternConv2d)]
     assert all(conv.row_groups() == block for conv in convs)  # the zoo's channel counts divide by 2
+    report = ct.pruning_report(pair["llvm"])
+    assert report.as_dict()["pattern_block"] == list(block)
+    assert ("pattern block: 2x2 (filters x input channels" in str(report)) == (block == (2, 2))
 
 
 def test_masks_before_generated_kernels_skip_the_multiply():

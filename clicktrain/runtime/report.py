@@ -48,6 +48,7 @@ class PruningReport(ConvRatios):
     layers: list[LayerReport]
     library: list[str]
     compile_seconds: dict
+    pattern_block: tuple = (1, 1)  # PruneConfig.pattern_block: (filters, input channels) sharing a pattern
 
     @property
     def conv_weights(self) -> int:
@@ -59,6 +60,7 @@ class PruningReport(ConvRatios):
 
     def as_dict(self) -> dict:
         return {"layers": [dict(asdict(r), density=r.density) for r in self.layers], "library": self.library,
+                "pattern_block": list(self.pattern_block),
                 "conv_weights": self.conv_weights, "kept_conv_weights": self.kept_conv_weights,
                 "conv_density": self.conv_density, "compression_ratio": self.compression_ratio}
 
@@ -70,6 +72,9 @@ class PruningReport(ConvRatios):
         text = format_table(["conv", "weight", "treatment", "phase", "kept kernels", "patterns", "density", "CR"], rows)
         if self.library:
             text += "\npattern library: " + "  ".join(f"{i}:{p}" for i, p in enumerate(self.library))
+        if tuple(self.pattern_block) != (1, 1):
+            text += (f"\npattern block: {self.pattern_block[0]}x{self.pattern_block[1]} (filters x input channels "
+                     f"sharing one pattern, dropped together)")
         if self.compile_seconds:
             text += (f"\nkernel compile: {sum(self.compile_seconds.values()):.2f} s for {len(self.compile_seconds)} "
                      f"layers (0 s = loaded from the cache)")
@@ -100,7 +105,7 @@ def pruning_report(gm: fx.GraphModule) -> PruningReport:
             treatment="pattern" if site.prunable else f"dense: {site.reason}",
             phase=mask.phase.name if mask is not None else "-",
             kernels=o * c, kept_kernels=kept_k, patterns_used=used, weights=site.num_weights, kept_weights=kept_w))
-    return PruningReport(rows, library, dict(state.compile_seconds))
+    return PruningReport(rows, library, dict(state.compile_seconds), state.config.pattern_block)
 
 
 @dataclass
