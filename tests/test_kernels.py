@@ -137,6 +137,17 @@ def test_strided_grad_input_runs_one_kernel_per_stride_phase():
     check_against_masked_dense_conv((2, 8, 8, 16, 16, 2, 1, 1, 0.5, False), block=(2, 4))  # grouped phases
 
 
+def test_grad_weight_reads_an_output_gradient_that_fits_its_tile_without_a_copy():
+    """Before: grad-weight's output gradient always went through a generated copy. Expected:
+    an nchw tile that fits the gradient reads it as it is (no role planned); a padded row
+    (30 wide in 32 lanes) or the chwn layout still gets its copy."""
+    assert "grad_weight_dout" not in planned(16, 16, 32, 1, "llvm")[0].relayouts
+    assert "grad_weight_dout" in planned(16, 16, 30, 1, "llvm")[0].relayouts
+    small = planned(16, 16, 4, 1, "llvm")[0]
+    assert small.grad_weight.layout == "chwn" and "grad_weight_dout" in small.relayouts
+    check_against_masked_dense_conv((3, 16, 16, 32, 32, 1, 1, 1, 0.3, True))
+
+
 def test_row_groups_are_found_only_where_ids_repeat():
     from clicktrain.passes.reorder import FilterKernelLayout, row_group_of
     lib = ct.patterns.fixed_library(4, 4)

@@ -378,7 +378,8 @@ def plan_relayouts(plan: KernelPlan, phase_frame=None) -> dict[str, RelayoutSpec
     input, the output gradient zero-inserted (where strided) and padded, grad-weight's output
     gradient and, where it cannot share the forward's, its own padded input) and the chwn
     kernels' outputs back to nchw. A strided nchw forward's input comes split into its column
-    phases, in the same copy."""
+    phases, in the same copy. An nchw grad-weight whose tile fits the output gradient reads
+    it as it is: no role, no copy (a full pass over the gradient, per call, before session 6)."""
     g, fwd, gi, gw = plan.geometry, plan.forward, plan.grad_input, plan.grad_weight
     (sh, sw), (dh, dw), (ph, pw) = g.stride, g.dilation, g.padding
     out_hw, in_hw = (g.out_h, g.out_w), (g.in_h, g.in_w)
@@ -389,8 +390,9 @@ def plan_relayouts(plan: KernelPlan, phase_frame=None) -> dict[str, RelayoutSpec
     else:
         grad_input_in = _relayout("pad", gi, g.out_channels, out_hw, (gi.in_h, gi.in_w), (2 * dh - ph, 2 * dw - pw),
                                   (sh, sw))
-    roles = {"grad_input_in": grad_input_in,
-             "grad_weight_dout": _relayout("pad", gw, g.out_channels, out_hw, (gw.out_h, gw.out_w))}
+    roles = {"grad_input_in": grad_input_in}
+    if gw.layout == "chwn" or (gw.out_h, gw.out_w) != out_hw:  # else dout serves as it is: no copy
+        roles["grad_weight_dout"] = _relayout("pad", gw, g.out_channels, out_hw, (gw.out_h, gw.out_w))
     roles["forward_in"] = _relayout("pad", fwd, g.in_channels, in_hw, (fwd.in_h, fwd.in_w), (ph, pw),
                                     phases=fwd.phases)
     if not plan.grad_weight_reads_forward_input:

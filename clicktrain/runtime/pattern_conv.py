@@ -176,8 +176,9 @@ class LayerRunner:
             return full.masked_fill_(idx.pruned, 0)  # the kept weights' gradients and exact zeros, as the kernel's
         if xpad is None or not plan.grad_weight_reads_forward_input:
             xpad = self.pad_input(x, plan.grad_weight)
-        dpad = self._padded(plan.grad_weight, dout, 0, 0, (plan.grad_weight.out_h, plan.grad_weight.out_w),
-                            "grad_weight_dout")
+        dpad = self._relayout("grad_weight_dout", dout, dout.shape[0])
+        if dpad is None:  # nchw at the gradient's own extent (no copy planned), or CUDA's plan (torch pads)
+            dpad = _pad_to(dout.float(), 0, 0, plan.grad_weight.out_h, plan.grad_weight.out_w)
         grad = torch.zeros(plan.grad_weight.gradient_size, device=weight.device)  # + scratch for short blocks
         _call(self.kernels.grad_weight, dpad, xpad, *map(idx.handle, GRAD_WEIGHT_INDEX), grad)
         return grad[:weight.numel()].view_as(weight).to(weight.dtype)
