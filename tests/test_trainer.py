@@ -132,6 +132,8 @@ def test_bad_method_settings_are_clear_errors(tmp_path):
         Trainer(TrainConfig(method="magic", data=str(tmp_path), out=str(tmp_path / "o"))).run()
     with pytest.raises(ct.ConfigError, match="--target llvm .* does not apply"):
         Trainer(TrainConfig(method="prunetrain", target="llvm", data=str(tmp_path), out=str(tmp_path / "o"))).run()
+    with pytest.raises(ct.ConfigError, match="pattern_block"):  # before the (missing) data is read
+        Trainer(TrainConfig(pattern_block="4", data=str(tmp_path / "none"), out=str(tmp_path / "o"))).run()
     with pytest.raises(ct.ConfigError, match="admm_split"):
         trainer_module._ratio("1:2", "admm_split", 3)
 

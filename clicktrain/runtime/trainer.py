@@ -137,6 +137,7 @@ class Trainer:
         if cfg.method in ("dense", "prunetrain") and cfg.target == "llvm":
             raise ConfigError(f"--method {cfg.method} trains a plain model with no pattern-pruned convs, so "
                               f"--target llvm (generated pattern kernels) does not apply: use --target torch")
+        cfg.prune_config()  # a bad pruning setting (e.g. --pattern-block) fails before the data loads
         threads = set_threads(cfg.threads)
         device = torch.device("cuda" if cfg.target == "cuda" else "cpu")
         if device.type == "cuda" and not torch.cuda.is_available():
