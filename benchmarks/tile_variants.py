@@ -61,7 +61,7 @@ def runner_with(vary: str, value: str, weight, library, ids, hw, target, row_gro
         row_groups = tuple(min(int(value), g) for g in row_groups)
     K.STRIDE_PHASES = value != "off" if vary == "phases" else saved[3]
     if vary == "group":
-        K.grad_weight_group = lambda t, layout="nchw", pixels=0: int(value)
+        K.grad_weight_group = lambda t, layout="nchw", pixels=0, full=True: int(value)
     elif vary == "rows":
         K.choose_rows = lambda lanes, simd: int(value)
     elif vary == "direct":  # forward and grad-input layout

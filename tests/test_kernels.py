@@ -104,6 +104,7 @@ GROUPED = [  # case as in GRID, pattern block, expected (forward, grad-input) ro
     ((3, 16, 16, 8, 8, 1, 1, 1, 0.5, True), (2, 2), (2, 2)),      # chwn (batch in lanes), 8-wide rows
     ((2, 8, 18, 4, 4, 1, 1, 1, 0.3, False), (2, 4), (2, 4)),      # chwn 4x4; 18 rows: the last task's group partial
     ((17, 12, 8, 2, 2, 1, 1, 1, 0.0, True), (4, 4), (4, 4)),      # chwn 2x2, batch not a multiple of the lanes
+    ((2, 8, 16, 12, 12, 1, 1, 1, 0.3, True), (4, 4), (4, 4)),     # nchw, grad-weight in blocks of 4 kernels
 ]
 
 
@@ -146,6 +147,23 @@ def test_grad_weight_reads_an_output_gradient_that_fits_its_tile_without_a_copy(
     small = planned(16, 16, 4, 1, "llvm")[0]
     assert small.grad_weight.layout == "chwn" and "grad_weight_dout" in small.relayouts
     check_against_masked_dense_conv((3, 16, 16, 32, 32, 1, 1, 1, 0.3, True))
+
+
+@pytest.mark.parametrize("simd", [8, 16])
+def test_grad_weight_block_size_per_layer(simd):
+    """Blocks of 4 kernels on 32-register CPUs where they fill up (ids in blocks of 4 filters,
+    or 128 filters and more) and the map is chwn or small; 2 elsewhere, and always on AVX2."""
+    import dataclasses
+    from clicktrain.codegen.kernels import ConvGeometry, plan_kernels
+    cpu = dataclasses.replace(resolve_target("llvm"), simd_lanes=simd)
+    lib = ct.patterns.fixed_library(4, 4)
+
+    def group(c, o, hw, row_groups=(1, 1)):
+        return plan_kernels(ConvGeometry(c, o, hw, hw, (1, 1), (1, 1), (1, 1)), lib, cpu, row_groups).grad_weight.group
+    wide = 4 if simd == 16 else 2
+    assert group(128, 128, 4) == wide and group(64, 64, 4, (4, 4)) == wide and group(16, 16, 12, (4, 4)) == wide
+    assert group(64, 64, 4) == 2 and group(16, 32, 14) == 2  # few filters: half-empty blocks
+    assert group(128, 128, 28) == 2  # a long reduction over a large map
 
 
 def test_row_groups_are_found_only_where_ids_repeat():

@@ -202,24 +202,28 @@ def _tile(layout: str, height: int, width: int, target: KernelTarget, cuda: bool
 
 
 GRAD_WEIGHT_GROUP = 2  # measured on AVX-512 (docs/performance.md): 2 beats 1 by 6-30 %
-GRAD_WEIGHT_WIDE_GROUP = 4  # with 32 vector registers: chwn, and nchw maps of <= 16x16 pixels
-GRAD_WEIGHT_WIDE_PIXELS = 256
+GRAD_WEIGHT_WIDE_GROUP = 4  # with 32 vector registers: chwn, and nchw maps of <= 16x16 pixels,
+GRAD_WEIGHT_WIDE_PIXELS = 256  # where blocks of four fill up (grad_weight_group)
+GRAD_WEIGHT_WIDE_FILTERS = 128
 
 
-def grad_weight_group(target: KernelTarget, layout: str = "nchw", pixels: int = 0) -> int:
+def grad_weight_group(target: KernelTarget, layout: str = "nchw", pixels: int = 0, full: bool = True) -> int:
     """Kept kernels per grad-weight block (sharing an input channel and a pattern). Two:
     ``2 x k`` accumulators and ``k + 2`` loaded vectors fit even AVX2's 16 registers. Four
     on a CPU with 32 vector registers (AVX-512), in chwn and on nchw maps of at most
-    ``GRAD_WEIGHT_WIDE_PIXELS`` output pixels. Measured (session 6, ``tile_variants.py
-    --vary group`` and an A/B on 8x8-16x16 layers, per kernel and on 4x4 blocks): chwn
-    256->256 4x4 1.46x -> 1.73x of dense, 128->256 7x7 3-5 % slower; nchw 8x8 +2-17 %
-    (128->256 1.04x -> 1.21x), 14x14 and 16x16 -3 to +9 %, but 16->16 28x28 1.31x -> 0.99x and
-    32x32 1.41x -> 1.24x (long reductions, and half-empty blocks where 16 filters share few
-    channel-pattern pairs). (Session 3 measured four 2-3x slower: its accumulators, 1 KB in
-    one buffer, lived on TVM's heap.) CUDA takes one kernel per thread."""
+    ``GRAD_WEIGHT_WIDE_PIXELS`` output pixels, where blocks of four fill up (``full``: the
+    ids come in groups of 4 filters, or the layer has ``GRAD_WEIGHT_WIDE_FILTERS`` filters or
+    more, so that a channel and pattern have several kept kernels). Measured (session 6,
+    ``tile_variants.py --vary group`` and A/Bs per kernel and on 4x4 blocks): chwn 256->256
+    4x4 1.46x -> 1.73x of dense, 128->128 4x4 1.85x -> 2.10x, 128->256 7x7 3-5 % slower;
+    nchw 8x8 +2-17 % (128->256 1.04x -> 1.21x), 14x14 and 16x16 -3 to +9 %, but 16->16 28x28
+    1.31x -> 0.99x and 32x32 1.41x -> 1.24x; at 75 % of kernels dropped 16->32 14x14 2.73x ->
+    2.07x and 64->64 7x7 3.21x -> 2.83x (half-empty blocks). (Session 3 measured four 2-3x
+    slower: its accumulators, 1 KB in one buffer, lived on TVM's heap.) CUDA takes one kernel
+    per thread."""
     if target.name == "cuda":
         return 1
-    wide = layout == "chwn" or 0 < pixels <= GRAD_WEIGHT_WIDE_PIXELS
+    wide = full and (layout == "chwn" or 0 < pixels <= GRAD_WEIGHT_WIDE_PIXELS)
     return GRAD_WEIGHT_WIDE_GROUP if wide and target.simd_lanes >= 16 else GRAD_WEIGHT_GROUP
 
 
@@ -349,7 +353,9 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     grad_weight = GradWeightSpec(f"ct_wgrad_{gw_layout}_{tag}", geom.in_channels, geom.out_channels,
                                  fwd_in[0], gw_in_w, geom.out_h, geom.out_h, gw_w, geom.stride, fwd_offsets,
                                  gw_lanes, gw_layout,
-                                 group=grad_weight_group(target, gw_layout, geom.out_h * geom.out_w),
+                                 group=grad_weight_group(target, gw_layout, geom.out_h * geom.out_w,
+                                                         full=row_groups[0] >= GRAD_WEIGHT_WIDE_GROUP
+                                                         or geom.out_channels >= GRAD_WEIGHT_WIDE_FILTERS),
                                  # strided rows read column phases (contiguous vectors), as the forward
                                  phases=sw if gw_layout == "nchw" and not cuda else 1)
     phases = ()
