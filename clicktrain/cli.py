@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--connectivity-ramp", default=d.connectivity_ramp, choices=["none", "layers", "epochs"])
     train.add_argument("--pattern-block", default=d.pattern_block,
                        help="FxC: blocks of F filters x C input channels share a pattern and are dropped together "
-                            "(default 1x1: per kernel; 2x2 makes the llvm kernels faster, docs/performance.md)")
+                            "(default 1x1: per kernel; 4x4 makes the llvm kernels faster, docs/performance.md)")
     train.add_argument("--mixup", type=float, default=d.mixup, help="mixup alpha (0: off)")
     train.add_argument("--admm-split", default=d.admm_split, help="ADMM: pretrain:admm:retrain epoch ratio")
     train.add_argument("--admm-rho", default=d.admm_rho, help="ADMM: rho start:end (geometric over the ADMM stage)")

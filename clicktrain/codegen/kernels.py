@@ -313,6 +313,8 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     gi_in = (ih - 1 + 2 * dh + 1, iw - 1 + 2 * dw + 1)
     tag = f"{geom.tag()}_{abs(hash(fwd_offsets)) % 10**8}"
     fwd_tag, gi_tag = (tag + (f"_g{g}" if g > 1 else "") for g in (group_f, group_g))
+    # strided CPU grad-input: one stride-1 kernel per stride phase (plan_grad_input_phases)
+    phased = STRIDE_PHASES and not cuda and gi_layout == "nchw" and geom.stride != (1, 1)
     # nchw outputs are stored at their true size (a tile overhanging it stores narrower vectors)
     fwd_stored = (geom.out_h, geom.out_w) if fwd_layout == "nchw" else None
     gi_stored = (geom.in_h, geom.in_w) if gi_layout == "nchw" else None
@@ -336,9 +338,9 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                                 stored=gi_stored, positions=positions, strides=(9, C9),
                                 # measured on wide layers: 256->256 8x8 1.44x -> 1.54x of dense, 512->512
                                 # 4x4 0.98x -> 1.34x; on narrow ones the gather cost about what it saved
-                                # (a grouped tile reads its rows' weights a filter apart, like nchw)
-                                gathered_weight=not cuda and group_g == 1 and geom.in_channels * geom.out_channels * 9
-                                >= GATHER_GRAD_INPUT_WEIGHTS,
+                                # (a grouped tile or a stride phase reads the dense weight, like nchw)
+                                gathered_weight=not (cuda or phased) and group_g == 1
+                                and geom.in_channels * geom.out_channels * 9 >= GATHER_GRAD_INPUT_WEIGHTS,
                                 channel_block=gi_blocks[0], filter_block=gi_blocks[1], batch_inner=gi_blocks[2],
                                 row_group=group_g)
     # grad-weight reads the forward's padded input when their layouts agree; otherwise its own copy
@@ -358,14 +360,12 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                                                          or geom.out_channels >= GRAD_WEIGHT_WIDE_FILTERS),
                                  # strided rows read column phases (contiguous vectors), as the forward
                                  phases=sw if gw_layout == "nchw" and not cuda else 1)
-    phases = ()
-    if STRIDE_PHASES and not cuda and gi_layout == "nchw" and geom.stride != (1, 1):
-        grad_input = dataclasses.replace(grad_input, gathered_weight=False)  # phases read the dense weight
-        phases = plan_grad_input_phases(geom, library, target, grad_input)
-    plan = KernelPlan(geom, forward, grad_input, grad_weight, grad_input_phases=phases[0] if phases else ())
-    if cuda:
-        return plan
-    return dataclasses.replace(plan, relayouts=plan_relayouts(plan, phases[1:] if phases else None))
+    if not phased:
+        plan = KernelPlan(geom, forward, grad_input, grad_weight)
+        return plan if cuda else dataclasses.replace(plan, relayouts=plan_relayouts(plan))
+    phases, at, frame = plan_grad_input_phases(geom, library, target, grad_input)
+    plan = KernelPlan(geom, forward, grad_input, grad_weight, grad_input_phases=phases)
+    return dataclasses.replace(plan, relayouts=plan_relayouts(plan, (at, frame)))
 
 
 def _relayout(kind: str, spec, channels: int, src_hw: tuple[int, int], frame: tuple[int, int],

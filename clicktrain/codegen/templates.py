@@ -234,13 +234,16 @@ def direct_conv_llvm(s: DirectConvSpec) -> str:
     def row(g: int) -> str:
         return f"bf % {groups}" if G == 1 else f"bf % {groups} * {G} + {g}"
 
+    def buffer(g: int) -> str:
+        return f"acc{g}" if G > 1 else "acc"
+
     def acc(g: int, lane: str = "v") -> str:
-        return f"acc{g}[r, {lane}]" if G > 1 else f"acc[r, {lane}]"
+        return f"{buffer(g)}[r, {lane}]"
     lines = _header(s.name, DIRECT_PARAMS) + _direct_buffers(s)
     lines += [f"    for bf in T.parallel(n * {groups}):"]
     # one buffer per row of the group: a buffer of 1 KB or more goes to TVM's heap workspace,
     # where LLVM cannot keep it in registers
-    lines += [f'        {acc(g).split("[")[0]} = T.alloc_buffer(({R}, {V}), "float32", scope="global")' for g in range(G)]
+    lines += [f'        {buffer(g)} = T.alloc_buffer(({R}, {V}), "float32", scope="global")' for g in range(G)]
     lines += [f"        for yt, xt in T.grid({s.out_h // R}, {s.out_w // V}):"]
     for g in range(G):
         lines += _vector_tile(loops, V, 12, f"{acc(g)} = {f'bias[perm[{row(g)}]]' if s.bias else 'T.float32(0)'}")
@@ -281,8 +284,11 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
         """Output row ``g`` of the task's group ``fi``."""
         return f"{task} + fi" if G == 1 else f"{task} + fi * {G} + {g}"
 
+    def buffer(g: int, r: int) -> str:
+        return f"acc{r}" if G == 1 else f"acc{g}_{r}"
+
     def acc(g: int, r: int) -> str:
-        return f"acc{r}[x, v]" if G == 1 else f"acc{g}_{r}[x, v]"
+        return f"{buffer(g, r)}[x, v]"
 
     def init(g: int) -> str:
         return f"bias[perm[{f(g)}]]" if s.bias else "T.float32(0)"
@@ -302,7 +308,7 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
     # one accumulator buffer per row: TVM puts a buffer of 1 KB or more (16 AVX-512 vectors)
     # on the heap, where LLVM cannot keep it in registers (measured: 3-4x slower)
     lines += [f"    for bf in T.parallel(n * {groups}):"]
-    lines += [f'        {acc(g, r).split("[")[0]} = T.alloc_buffer(({s.out_w}, {V}), "float32", scope="global")'
+    lines += [f'        {buffer(g, r)} = T.alloc_buffer(({s.out_w}, {V}), "float32", scope="global")'
               for g in range(G) for r in range(R)]
     def rows_of_task(indent: int, body) -> list[str]:
         """``body(indent)`` for each of the task's (groups of) output rows and tiles."""
