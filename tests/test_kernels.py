@@ -667,17 +667,22 @@ def test_generated_copies_equal_torchs(case):
             assert torch.equal(expected, _pad_to(up, top, left, rows, cols))
 
 
-@pytest.mark.parametrize("frame", [(9, 17, 1, 1), (8, 16, 1, 2), (7, 9, 0, 0)], ids=["odd-frame", "left-2", "no-pad"])
+@pytest.mark.parametrize("frame", [(13, 9, 17, 1, 1, 2), (13, 8, 16, 1, 2, 2), (9, 7, 9, 0, 0, 2),
+                                   (32, 33, 34, 1, 1, 2), (28, 29, 34, 1, 1, 2), (30, 31, 30, 1, 1, 2),
+                                   (40, 33, 45, 1, 1, 3), (16, 17, 18, 0, 2, 3)],
+                         ids=["odd-frame", "left-2", "no-pad", "32-wide", "28-wide-overhang", "crop",
+                              "stride-3", "stride-3-left-2"])
 def test_generated_column_phases_equal_torchs(frame):
-    """A strided forward's input: padded into the frame and split into two column phases in
-    one generated copy, exactly as torch's pad followed by the phase split."""
+    """A strided forward's input: padded into the frame and split into its column phases in
+    one generated copy (vector pieces of 16, 8 and 4 lanes, shuffled out of contiguous loads,
+    and scalar ends), exactly as torch's pad followed by the phase split."""
     import tvm
     from clicktrain.codegen.templates import RelayoutSpec, relayout_llvm
     from clicktrain.runtime.pattern_conv import _pad_to
-    rows, cols, top, left = frame
-    x = torch.randn(3, 4, 7, 13 if cols > 9 else 9)
-    spec = RelayoutSpec("phases", "pad", "nchw", 4, *x.shape[-2:], rows, cols, top, left, phases=2)
+    w, rows, cols, top, left, phases = frame
+    x = torch.randn(3, 4, 7, w)
+    spec = RelayoutSpec("phases", "pad", "nchw", 4, *x.shape[-2:], rows, cols, top, left, phases=phases)
     func = tvm.compile(tvm.script.from_source(relayout_llvm(spec)), target=resolve_target("llvm").tvm_target)
     out = torch.full(spec.out_shape(3), float("nan"))
     func["phases"](tvm.runtime.from_dlpack(x), tvm.runtime.from_dlpack(out))
-    assert torch.equal(out, expected_column_phases(_pad_to(x, top, left, rows, cols), 2))
+    assert torch.equal(out, expected_column_phases(_pad_to(x, top, left, rows, cols), phases))

@@ -644,9 +644,38 @@ def relayout_llvm(s: RelayoutSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
+PHASE_CHUNKS = (16, 8, 4)  # lanes of a phase copy's vector pieces, widest first
+
+
+def _phase_pieces(first: int, end: int, src0: int, P: int, width: int) -> list[tuple[int, int, int]]:
+    """The phase columns ``[first, end)`` (column t reads source column ``t * P + src0``) cut
+    into (t, lanes, window start) pieces: each loads ``P * lanes`` contiguous source columns
+    from the window start, all inside the row, and keeps every P-th. Pieces may overlap; a
+    piece with 1 lane is a scalar copy (where no window fits)."""
+    def window(t: int, lanes: int) -> int | None:
+        start = min(t * P + src0, width - P * lanes)  # the window may start up to P - 1 early
+        return start if start >= max(0, t * P + src0 - (P - 1)) else None
+
+    pieces, t = [], first
+    while t < end:
+        # a piece that fits from t, else one ending at ``end`` that rewrites some columns
+        # already copied (the same values), else one scalar column
+        fits = [(t, lanes) for lanes in PHASE_CHUNKS if t + lanes <= end and window(t, lanes) is not None]
+        fits += [(end - lanes, lanes) for lanes in PHASE_CHUNKS
+                 if first <= end - lanes < t and window(end - lanes, lanes) is not None]
+        at, lanes = max(fits, key=lambda piece: piece[1]) if fits else (t, 1)
+        pieces.append((at, lanes, window(at, lanes) if lanes > 1 else at * P + src0))
+        t = at + lanes
+    return pieces
+
+
 def _column_phases_llvm(s: RelayoutSpec) -> list[str]:
     """The body of a ``phases`` copy: zero every phase's frame, then per phase p copy the source
-    columns that land on frame columns p, p + P, ... (a strided read, a contiguous write)."""
+    columns that land on frame columns p, p + P, ... Each piece of a phase row is one
+    contiguous load of P vectors' worth of the source row and a shuffle keeping every P-th
+    lane (one ``vpermt2ps`` per vector on AVX-512): the strided read lane by lane made this copy
+    cost 10x a plain pad (0.75 against 0.07 ms on a 16-channel 32x32 batch of 64) and more
+    than half a stride-2 forward."""
     C, R, P = s.channels, s.rows, s.phases
     width = -(-s.cols // P)
     ys, nh, _, _ = s.window
@@ -654,13 +683,20 @@ def _column_phases_llvm(s: RelayoutSpec) -> list[str]:
     lines = [f'    out = T.match_buffer(out_h, ({P}, n, {C}, {R}, {width}), "float32")',
              f"    for bc in T.parallel(n * {C}):"]
     lines += _zero_fill(f"out[p, bc // {C}, bc % {C}, y, x]", [("p", P), ("y", R)], ("x", width), 8)
+    if not nh:
+        return lines
+    lines.append(f"        for y in range({nh}):")
+    row_in, row_out = f"bc // {C}, bc % {C}, y + {ys}", f"bc // {C}, bc % {C}, y + {y0}"
     for p in range(P):
         first = max(0, -(-(s.left - p) // P))  # phase column t holds frame column t*P + p = source t*P + p - left
         end = min((s.w - 1 + s.left - p) // P + 1, (s.cols - 1 - p) // P + 1)
-        if nh and end > first:
-            lines += [f"        for y, t in T.grid({nh}, {end - first}):",
-                      f"            out[{p}, bc // {C}, bc % {C}, y + {y0}, t + {first}] = "
-                      f"inp[bc // {C}, bc % {C}, y + {ys}, t * {P} + {first * P + p - s.left}]"]
+        for t, lanes, start in _phase_pieces(first, end, p - s.left, P, s.w):
+            if lanes == 1:
+                lines.append(f"            out[{p}, {row_out}, {t}] = inp[{row_in}, {start}]")
+                continue
+            keep = ", ".join(str(t * P + p - s.left - start + P * i) for i in range(lanes))
+            lines.append(f"            out[{p}, {row_out}, T.ramp({t}, 1, {lanes})] = "
+                         f"T.Shuffle([inp[{row_in}, T.ramp({start}, 1, {P * lanes})]], [{keep}])")
     return lines
 
 
