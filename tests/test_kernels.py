@@ -628,14 +628,16 @@ def expected_from_chwn(buf: torch.Tensor, n: int, h: int, w: int) -> torch.Tenso
 @pytest.mark.parametrize("case", [(17, 5, 3, 2, 5, 4, 1, 1, "chwn"), (3, 4, 5, 6, 4, 4, -1, -1, "nchw"),
                                   (2, 3, 7, 7, 9, 16, 1, 1, "nchw"), (5, 3, 4, 4, 4, 4, 0, 0, "chwn"),
                                   (2, 3, 2, 2, 3, 3, 3, 3, "nchw"), (2, 3, 4, 3, 10, 8, 1, -1, "nchw", (2, 3)),
-                                  (3, 2, 4, 4, 9, 9, 1, 1, "chwn", (2, 2))],
+                                  (3, 2, 4, 4, 9, 9, 1, 1, "chwn", (2, 2)), (33, 3, 8, 8, 10, 10, 1, 1, "chwn"),
+                                  (40, 2, 6, 7, 8, 9, 1, 1, "chwn")],
                          ids=["chwn-partial-block", "nchw-crop", "nchw-pad-to-lanes", "chwn-no-pad", "nchw-outside",
-                              "nchw-spread", "chwn-spread"])
+                              "nchw-spread", "chwn-spread", "chwn-8-wide-shuffled", "chwn-7-wide-shuffled"])
 def test_generated_copies_equal_torchs(case):
     """The generated copies around the kernels (padding into a frame, to and from chwn, spread
     by a stride) give exactly what torch's zero insertion, pad and permutes give, including a
     crop, a frame the image misses entirely and a batch that leaves its last block of lanes
-    part empty."""
+    part empty (rows of 7 and 8 leave chwn by in-register shuffles, a part-empty block element
+    by element)."""
     import tvm
     from clicktrain.codegen.templates import RelayoutSpec, relayout_llvm
     from clicktrain.runtime.pattern_conv import _pad_to

@@ -604,23 +604,14 @@ def relayout_llvm(s: RelayoutSpec) -> str:
             f'    T.func_attr({{"global_symbol": "{s.name}", "tir.noalias": True}})',
             "    n = T.int32()"] + (["    m = T.int32()"] if s.layout == "chwn" else [])
     if s.kind == "unpad":  # chwn (m, C, R, W, V) -> nchw (n, C, h, w)
-        return "\n".join(head + [
-            f'    inp = T.match_buffer(inp_h, (m, {C}, {R}, {W}, {V}), "float32")',
-            f'    out = T.match_buffer(out_h, (n, {C}, {s.h}, {s.w}), "float32")',
-            f"    for ic in T.parallel(n * {C}):",
-            f"        for y, x in T.grid({s.h}, {s.w}):",
-            f"            out[ic // {C}, ic % {C}, y, x] = inp[ic // {C} // {V}, ic % {C}, y, x, ic // {C} % {V}]"]) + "\n"
+        return "\n".join(head + _unpad_chwn_llvm(s)) + "\n"
     lines = head + [f'    inp = T.match_buffer(inp_h, (n, {C}, {s.h}, {s.w}), "float32")']
-    if s.layout == "chwn":  # nchw -> (m, C, R, W, V): zero the frame, then the window image by image
+    if s.layout == "chwn":  # nchw -> (m, C, R, W, V): zero the frame, then copy the window into it
         lines += [f'    out = T.match_buffer(out_h, (m, {C}, {R}, {W}, {V}), "float32")',
                   f"    for bc in T.parallel(m * {C}):"]
         lines += _zero_fill(f"out[bc // {C}, bc % {C}, y, x, v]", [("y", R), ("x", W)], ("v", V), 8)
         if nh and nw:
-            lines += [f"        for v in range({V}):",
-                      f"            if bc // {C} * {V} + v < n:",
-                      f"                for y, x in T.grid({nh}, {nw}):",
-                      f"                    out[bc // {C}, bc % {C}, y * {sy} + {y0}, x * {sx} + {x0}, v] = "
-                      f"inp[bc // {C} * {V} + v, bc % {C}, y + {ys}, x + {xs}]"]
+            lines += _pad_chwn_window_llvm(s)
         return "\n".join(lines) + "\n"
     # nchw -> nchw (n, C, R, W): zero rows above, the window's rows (zero, copy, zero), zero rows below
     if s.phases > 1:
@@ -667,6 +658,66 @@ def _phase_pieces(first: int, end: int, src0: int, P: int, width: int) -> list[t
         pieces.append((at, lanes, window(at, lanes) if lanes > 1 else at * P + src0))
         t = at + lanes
     return pieces
+
+
+CHWN_PAD_IMAGES = 4  # images per shuffled piece of the copy into chwn (_pad_chwn_window_llvm)
+
+
+def _pad_chwn_window_llvm(s: RelayoutSpec) -> list[str]:
+    """The window of a copy into chwn, in a zeroed frame: per source row of ``CHWN_PAD_IMAGES``
+    images, one load each, shuffled into that many lanes of every pixel's vector. Measured
+    against element by element (batch 64, ``V=16``, in one process): 64x8x8 0.07-0.11 ->
+    0.05-0.08 ms, 128x8x8 0.11-0.14 -> 0.08-0.09, 256x8x8 0.36 -> 0.31, 512x2x2 even; all 16
+    images at once was slower than element by element (16 rows 16 KB apart thrash L1 sets),
+    2 about as fast as 4. A last block of fewer than ``V`` images goes element by element."""
+    C, V, G = s.channels, s.lanes, CHWN_PAD_IMAGES
+    assert V % G == 0, "whole pieces of lanes"
+    ys, nh, xs, nw = s.window
+    (sy, sx) = s.spread
+    y0, x0 = s.top + ys * sy, s.left + xs * sx
+    b, c = f"bc // {C}", f"bc % {C}"
+    rows = ", ".join(f"inp[{b} * {V} + vg * {G} + {g}, {c}, y + {ys}, T.ramp({xs}, 1, {nw})]" for g in range(G))
+    lines = [f"        if {b} * {V} + {V} <= n:",
+             f"            for vg, y in T.grid({V // G}, {nh}):"]
+    lines += [f"                out[{b}, {c}, y * {sy} + {y0}, {x * sx + x0}, T.ramp(vg * {G}, 1, {G})] = "
+              f"T.Shuffle([{rows}], [{', '.join(str(g * nw + x) for g in range(G))}])" for x in range(nw)]
+    return lines + ["        else:",
+                    f"            for v in range({V}):",
+                    f"                if {b} * {V} + v < n:",
+                    f"                    for y, x in T.grid({nh}, {nw}):",
+                    f"                        out[{b}, {c}, y * {sy} + {y0}, x * {sx} + {x0}, v] = "
+                    f"inp[{b} * {V} + v, {c}, y + {ys}, x + {xs}]"]
+
+
+UNPAD_SHUFFLE_MIN_WIDTH = 7  # rows this wide leave chwn by in-register transposes (_unpad_chwn_llvm)
+
+
+def _unpad_chwn_llvm(s: RelayoutSpec) -> list[str]:
+    """chwn ``(m, C, R, W, V)`` back to nchw. Rows of at least ``UNPAD_SHUFFLE_MIN_WIDTH``:
+    one task per (block of images, channel) loads each output row's ``w`` vectors (one per
+    pixel, lanes = images) and shuffles out each image's row, stored whole; measured
+    (``V=16``, batch 64) 64x8x8 0.09-0.18 -> 0.06-0.11 ms, 256x8x8 0.45-0.57 -> 0.21-0.30 ms,
+    64x7x7 about 2x, 256x4x4 even and 512x2x2 slower (0.05-0.06 -> 0.09 ms), so narrower rows
+    (and a last block of fewer than ``V`` images) copy element by element."""
+    C, R, W, V, h, w = s.channels, s.rows, s.cols, s.lanes, s.h, s.w
+    lines = [f'    inp = T.match_buffer(inp_h, (m, {C}, {R}, {W}, {V}), "float32")',
+             f'    out = T.match_buffer(out_h, (n, {C}, {h}, {w}), "float32")']
+    if w < UNPAD_SHUFFLE_MIN_WIDTH:
+        return lines + [f"    for ic in T.parallel(n * {C}):",
+                        f"        for y, x in T.grid({h}, {w}):",
+                        f"            out[ic // {C}, ic % {C}, y, x] = inp[ic // {C} // {V}, ic % {C}, y, x, ic // {C} % {V}]"]
+    b, c = f"bc // {C}", f"bc % {C}"
+    pixels = ", ".join(f"inp[{b}, {c}, y, {x}, T.ramp(0, 1, {V})]" for x in range(w))
+    lines += [f"    for bc in T.parallel(m * {C}):",
+              f"        if {b} * {V} + {V} <= n:",
+              f"            for y in range({h}):"]
+    lines += [f"                out[{b} * {V} + {v}, {c}, y, T.ramp(0, 1, {w})] = "
+              f"T.Shuffle([{pixels}], [{', '.join(str(x * V + v) for x in range(w))}])" for v in range(V)]
+    return lines + [f"        else:",
+                    f"            for v in range({V}):",
+                    f"                if {b} * {V} + v < n:",
+                    f"                    for y, x in T.grid({h}, {w}):",
+                    f"                        out[{b} * {V} + v, {c}, y, x] = inp[{b}, {c}, y, x, v]"]
 
 
 def _column_phases_llvm(s: RelayoutSpec) -> list[str]:
