@@ -10,16 +10,18 @@ VENV=${CLICKTRAIN_VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3}
 
 setup_env() {
-    # Reuse the venv while pyproject.toml is unchanged; otherwise (re)install.
+    # Reuse the venv while pyproject.toml is unchanged and its editable install is this
+    # checkout (a venv shared through CLICKTRAIN_VENV by two checkouts would otherwise run
+    # the other one's code from scripts and the clicktrain command); otherwise (re)install.
     local stamp="$VENV/.clicktrain-installed"
     if [ ! -x "$VENV/bin/python" ]; then
         "$PY" -m venv "$VENV"
     fi
-    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$(cat "$stamp")" != "$ROOT" ]; then
         "$VENV/bin/python" -m pip install -q --upgrade pip
         # torch==2.13.0 is pinned in pyproject.toml: pip takes the local CPU wheel.
         "$VENV/bin/python" -m pip install -q -e ".[test]"
-        touch "$stamp"
+        echo "$ROOT" > "$stamp"
     fi
 }
 
