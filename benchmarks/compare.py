@@ -13,7 +13,7 @@ one comparison at a time: the wall times are the point.
 
 Each method runs as its own ``clicktrain train`` process, as a user would run it: the
 ``target="llvm"`` run with the short OpenMP spin that ``clicktrain train --target llvm``
-sets (``clicktrain.cli.llvm_openmp_env``; TVM's thread pool needs the cores torch's OpenMP
+sets (``clicktrain.machine.llvm_openmp_env``; TVM's thread pool needs the cores torch's OpenMP
 workers would spin on), the torch runs with OpenMP's defaults.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from clicktrain.cli import llvm_openmp_env
+from clicktrain.machine import llvm_openmp_env
 from clicktrain.errors import ClicktrainError
 from clicktrain.machine import cpu_description
 from clicktrain.runtime.trainer import TrainConfig

@@ -9,7 +9,9 @@ several times, alternating:
       GOMP_SPINCOUNT=2000 .venv/bin/python benchmarks/openmp_wait.py
     done
 
-(Deliberately not importing ``_common``, which sets PASSIVE.)
+(Deliberately not importing ``_common``, which sets PASSIVE.) Without an OpenMP setting,
+``ct.harden`` warns and turns TVM's pool spin off (``clicktrain.machine.check_spin_waits``);
+set ``TVM_THREAD_POOL_SPIN_COUNT`` yourself to measure other TVM spins.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clicktrain.cli import llvm_openmp_env  # noqa: E402
+from clicktrain.machine import llvm_openmp_env  # noqa: E402
 
 if llvm_openmp_env(os.environ) != dict(os.environ):  # OpenMP reads it when torch loads: restart once
     os.execve(sys.executable, [sys.executable, *sys.argv], llvm_openmp_env(os.environ))

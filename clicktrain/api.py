@@ -12,6 +12,7 @@ from torch import nn
 from .config import PruneConfig
 from .errors import ConfigError, StateError, TargetError
 from .frontend.trace import trace_model
+from .machine import check_spin_waits
 from .passes.base import CompileState, PassManager, compile_state
 from .passes.dump import DumpWriter
 from .passes.insert_masks import prunable_layers
@@ -115,4 +116,6 @@ def harden(model: fx.GraphModule) -> fx.GraphModule:
         if layer.mask.phase is Phase.DENSE:
             raise StateError(f"'{layer.site.name}' has no patterns yet; call ct.select_patterns(model) before ct.harden(model)")
     PassManager(harden_pipeline(state), state.dump)(model)
+    if state.target == "llvm":
+        check_spin_waits()
     return model

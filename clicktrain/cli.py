@@ -7,6 +7,7 @@ import os
 import sys
 
 from .errors import ClicktrainError
+from .machine import llvm_openmp_env
 
 
 def _train(args) -> int:
@@ -121,24 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ``--target llvm``: torch's OpenMP workers spin-wait after each op (by default for a long
-# while), on the cores TVM's thread pool needs next. A short spin keeps torch's fast wake-up
-# between its own ops and hands the cores to TVM soon after. Measured, training step of
-# VGG-11/4 at batch 64 on 2 cores (3 runs each): OpenMP default: dense 36-43 ms, hardened on
-# llvm 33-38 ms; OMP_WAIT_POLICY=PASSIVE: 43-47 / 38-56 ms; GOMP_SPINCOUNT=2000: 41-44 /
-# 29-33 ms. The setting is read when torch loads, so the command restarts itself once.
-LLVM_OPENMP_ENV = {"GOMP_SPINCOUNT": "2000"}
-
-
-def llvm_openmp_env(env) -> dict:
-    """``env`` with ``LLVM_OPENMP_ENV`` added, unless it already chooses an OpenMP wait setting."""
-    env = dict(env)
-    if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(env):
-        env.update(LLVM_OPENMP_ENV)
-    return env
-
-
 def _openmp_for_llvm(args, argv) -> None:
+    # OpenMP reads its wait setting when torch loads: the command restarts itself once
     if argv is None and getattr(args, "target", None) == "llvm":
         env = llvm_openmp_env(os.environ)
         if env != dict(os.environ):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+import warnings
 
 
 def cpu_description() -> str:
@@ -32,6 +33,47 @@ def set_threads(n: int | None = None) -> int:
     torch.set_num_threads(n)
     os.environ["TVM_NUM_THREADS"] = str(n)
     return n
+
+
+# ``target="llvm"``: torch's OpenMP workers spin-wait after each op (by default for a long
+# while), on the cores TVM's thread pool needs next. A short spin keeps torch's fast wake-up
+# between its own ops and hands the cores to TVM soon after. Measured, training step of
+# VGG-11/4 at batch 64 on 2 cores (3 runs each): OpenMP default: dense 36-43 ms, hardened on
+# llvm 33-38 ms; OMP_WAIT_POLICY=PASSIVE: 43-47 / 38-56 ms; GOMP_SPINCOUNT=2000: 41-44 /
+# 29-33 ms. OpenMP reads the setting once, when torch loads.
+LLVM_OPENMP_ENV = {"GOMP_SPINCOUNT": "2000"}
+OPENMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # either one chooses how OpenMP waits
+_openmp_warned = False
+
+
+def llvm_openmp_env(env) -> dict:
+    """``env`` with ``LLVM_OPENMP_ENV`` added, unless it already chooses an OpenMP wait setting."""
+    env = dict(env)
+    if not set(OPENMP_WAIT_VARS) & set(env):
+        env.update(LLVM_OPENMP_ENV)
+    return env
+
+
+def check_spin_waits() -> None:
+    """Before generated CPU kernels run in a process whose torch loaded without an OpenMP
+    wait setting (a script calling the API; the ``clicktrain`` command sets the short spin
+    itself, restarting once): warn once, naming the fix, and turn TVM's pool spin off
+    (``TVM_THREAD_POOL_SPIN_COUNT=0`` unless set; TVM reads it when its pool starts, at the
+    first kernel). Both runtimes spinning after each call fight over the cores. Measured
+    (``benchmarks/openmp_wait.py``, VGG-11/4, batch 64, 2 cores, session 7; hardened llvm
+    step against dense's): OpenMP's and TVM's defaults 36-168 ms (0.21-1.04x: some runs
+    stall), TVM's spin off 31-32 ms (1.16-1.79x), ``GOMP_SPINCOUNT=2000`` with TVM spinning
+    23-27 ms (1.31-1.85x), ``GOMP_SPINCOUNT=2000`` with TVM's spin off 31-35 ms."""
+    global _openmp_warned
+    if _openmp_warned or set(OPENMP_WAIT_VARS) & set(os.environ):
+        return
+    _openmp_warned = True
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    warnings.warn(
+        "clicktrain: torch's OpenMP threads spin-wait after every op (no OMP_WAIT_POLICY or GOMP_SPINCOUNT "
+        "was set when torch loaded) on the cores the generated llvm kernels need, which can take away most of "
+        "their speed-up. Start Python with GOMP_SPINCOUNT=2000 in the environment (the clicktrain command "
+        "does this itself); setting either variable yourself silences this warning.", RuntimeWarning, stacklevel=3)
 
 
 def fastest_alternating(fns: dict, rounds: int = 9) -> dict:

@@ -2,8 +2,11 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# the setting `clicktrain train` runs llvm with, read by OpenMP when torch loads (below)
+os.environ.setdefault("GOMP_SPINCOUNT", "2000")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -2,11 +2,13 @@
 against the torch reference, training, the compile cache, and cuda generation."""
 
 import copy
+import os
 import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import clicktrain as ct
 from clicktrain.codegen import cache as kernel_cache
@@ -688,3 +690,37 @@ def test_generated_column_phases_equal_torchs(frame):
     out = torch.full(spec.out_shape(3), float("nan"))
     func["phases"](tvm.runtime.from_dlpack(x), tvm.runtime.from_dlpack(out))
     assert torch.equal(out, expected_column_phases(_pad_to(x, top, left, rows, cols), phases))
+
+
+def test_harden_on_llvm_warns_once_when_openmp_spins(monkeypatch):
+    """A script that loaded torch without an OpenMP wait setting gets one warning naming the
+    fix when it hardens for llvm, and TVM's pool spin turned off; with a setting, or on
+    target torch, neither."""
+    import warnings
+
+    from clicktrain import machine
+
+    def hardened(target):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        m = ct.compile_for_training(model, torch.randn(2, 3, 8, 8), target=target)
+        ct.select_patterns(m)
+        ct.harden(m)
+
+    for var in (*machine.OPENMP_WAIT_VARS, "TVM_THREAD_POOL_SPIN_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(machine, "_openmp_warned", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hardened("torch")
+        assert not caught and "TVM_THREAD_POOL_SPIN_COUNT" not in os.environ
+        hardened("llvm")
+        hardened("llvm")
+    assert len(caught) == 1 and issubclass(caught[0].category, RuntimeWarning)
+    assert "GOMP_SPINCOUNT=2000" in str(caught[0].message) and os.environ["TVM_THREAD_POOL_SPIN_COUNT"] == "0"
+    monkeypatch.delenv("TVM_THREAD_POOL_SPIN_COUNT")
+    monkeypatch.setattr(machine, "_openmp_warned", False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hardened("llvm")
+    assert not caught and "TVM_THREAD_POOL_SPIN_COUNT" not in os.environ
