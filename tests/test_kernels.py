@@ -63,6 +63,8 @@ GRID = [
     (3, 16, 24, 4, 4, 1, 1, 1, 0.5, True),      # tiny maps: all three kinds chwn
     (17, 6, 10, 2, 3, 1, 1, 1, 0.0, False),     # batch not a multiple of the vector width
     (2, 8, 16, 8, 8, 2, 1, 1, 0.25, True),      # stride 2, all chwn (4x4 out, 8x8 in)
+    (20, 8, 8, 1, 1, 1, 1, 1, 0.0, True),       # a one-pixel map (its copies one pixel wide)
+    (2, 8, 12, 2, 2, 2, 1, 1, 0.0, False),      # stride 2 down to one pixel
 ]
 
 
@@ -631,9 +633,10 @@ def expected_from_chwn(buf: torch.Tensor, n: int, h: int, w: int) -> torch.Tenso
                                   (2, 3, 7, 7, 9, 16, 1, 1, "nchw"), (5, 3, 4, 4, 4, 4, 0, 0, "chwn"),
                                   (2, 3, 2, 2, 3, 3, 3, 3, "nchw"), (2, 3, 4, 3, 10, 8, 1, -1, "nchw", (2, 3)),
                                   (3, 2, 4, 4, 9, 9, 1, 1, "chwn", (2, 2)), (33, 3, 8, 8, 10, 10, 1, 1, "chwn"),
-                                  (40, 2, 6, 7, 8, 9, 1, 1, "chwn")],
+                                  (40, 2, 6, 7, 8, 9, 1, 1, "chwn"), (32, 2, 1, 1, 3, 3, 1, 1, "chwn")],
                          ids=["chwn-partial-block", "nchw-crop", "nchw-pad-to-lanes", "chwn-no-pad", "nchw-outside",
-                              "nchw-spread", "chwn-spread", "chwn-8-wide-shuffled", "chwn-7-wide-shuffled"])
+                              "nchw-spread", "chwn-spread", "chwn-8-wide-shuffled", "chwn-7-wide-shuffled",
+                              "chwn-1x1-map"])
 def test_generated_copies_equal_torchs(case):
     """The generated copies around the kernels (padding into a frame, to and from chwn, spread
     by a stride) give exactly what torch's zero insertion, pad and permutes give, including a

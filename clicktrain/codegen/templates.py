@@ -669,24 +669,26 @@ def _pad_chwn_window_llvm(s: RelayoutSpec) -> list[str]:
     against element by element (batch 64, ``V=16``, in one process): 64x8x8 0.07-0.11 ->
     0.05-0.08 ms, 128x8x8 0.11-0.14 -> 0.08-0.09, 256x8x8 0.36 -> 0.31, 512x2x2 even; all 16
     images at once was slower than element by element (16 rows 16 KB apart thrash L1 sets),
-    2 about as fast as 4. A last block of fewer than ``V`` images goes element by element."""
+    2 about as fast as 4. A last block of fewer than ``V`` images, and a window one pixel
+    wide, go element by element."""
     C, V, G = s.channels, s.lanes, CHWN_PAD_IMAGES
     assert V % G == 0, "whole pieces of lanes"
     ys, nh, xs, nw = s.window
     (sy, sx) = s.spread
     y0, x0 = s.top + ys * sy, s.left + xs * sx
     b, c = f"bc // {C}", f"bc % {C}"
+    by_element = [f"for v in range({V}):",
+                  f"    if {b} * {V} + v < n:",
+                  f"        for y, x in T.grid({nh}, {nw}):",
+                  f"            out[{b}, {c}, y * {sy} + {y0}, x * {sx} + {x0}, v] = inp[{b} * {V} + v, {c}, y + {ys}, x + {xs}]"]
+    if nw == 1:  # a vector needs two lanes or more
+        return ["        " + line for line in by_element]
     rows = ", ".join(f"inp[{b} * {V} + vg * {G} + {g}, {c}, y + {ys}, T.ramp({xs}, 1, {nw})]" for g in range(G))
     lines = [f"        if {b} * {V} + {V} <= n:",
              f"            for vg, y in T.grid({V // G}, {nh}):"]
     lines += [f"                out[{b}, {c}, y * {sy} + {y0}, {x * sx + x0}, T.ramp(vg * {G}, 1, {G})] = "
               f"T.Shuffle([{rows}], [{', '.join(str(g * nw + x) for g in range(G))}])" for x in range(nw)]
-    return lines + ["        else:",
-                    f"            for v in range({V}):",
-                    f"                if {b} * {V} + v < n:",
-                    f"                    for y, x in T.grid({nh}, {nw}):",
-                    f"                        out[{b}, {c}, y * {sy} + {y0}, x * {sx} + {x0}, v] = "
-                    f"inp[{b} * {V} + v, {c}, y + {ys}, x + {xs}]"]
+    return lines + ["        else:"] + ["            " + line for line in by_element]
 
 
 UNPAD_SHUFFLE_MIN_WIDTH = 7  # rows this wide leave chwn by in-register transposes (_unpad_chwn_llvm)
