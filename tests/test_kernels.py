@@ -125,7 +125,8 @@ def test_strided_grad_input_runs_one_kernel_per_stride_phase():
     """Before: a stride-2 conv's grad-input ran on the zero-inserted output gradient (four
     times the work, three quarters of it on zeros). Expected: one stride-1 kernel per input
     phase, each with only the taps that reach it (some patterns with none), every tap in
-    exactly one phase, reading the gradient padded, not spread; numerics as the masked conv."""
+    exactly one phase, reading the gradient padded, not spread, their gradients woven into
+    one by a generated interleave; numerics as the masked conv."""
     from clicktrain.patterns import pattern_offsets
     plan, sources = planned(6, 8, 15, 2, "llvm")
     phases = plan.grad_input_phases
@@ -137,7 +138,31 @@ def test_strided_grad_input_runs_one_kernel_per_stride_phase():
     assert any(not spec.offsets[p] for _, spec in phases for p in range(len(library)))
     assert plan.grad_input.name not in sources and all(spec.name in sources for _, spec in phases)
     assert plan.relayouts["grad_input_in"].spread == (1, 1)
+    weave = plan.relayouts["grad_input_out"]
+    assert (weave.kind, weave.spread, (weave.h, weave.w)) == ("interleave", (2, 2), (15, 15))
+    assert [(ry, rx) for ry, rx, _, _ in weave.stride_phases] == [phase for phase, _ in phases]
+    assert [(qh, qw) for _, _, qh, qw in weave.stride_phases] == [spec.stored for _, spec in phases]
     check_against_masked_dense_conv((3, 6, 8, 15, 15, 2, 1, 1, 0.3, True))
+
+
+@pytest.mark.parametrize("shape", [(7, 13, 2, 2), (32, 32, 2, 2), (28, 28, 2, 2), (9, 10, 3, 2), (1, 5, 2, 2),
+                                   (5, 1, 2, 2), (6, 40, 1, 3)],
+                         ids=["odd", "32-wide", "28-wide", "stride-3x2", "one-row", "one-column", "stride-1x3"])
+def test_generated_interleave_of_stride_phases_equals_torchs(shape):
+    """The stride phases' gradients (one buffer each, those with pixels) woven into one by the
+    generated interleave (shuffled vector pieces, the columns where phases differ in width one
+    by one) equal torch's strided assignments; every element is written."""
+    import tvm
+    from clicktrain.codegen.templates import RelayoutSpec, relayout_llvm
+    h, w, sy, sx = shape
+    spec = RelayoutSpec("weave", "interleave", "nchw", 3, h, w, h, w, spread=(sy, sx))
+    expected = torch.randn(5, 3, h, w)
+    phases = [expected[:, :, ry::sy, rx::sx].contiguous() for ry, rx, _, _ in spec.stride_phases]
+    assert [p.shape[-2:] for p in phases] == [(qh, qw) for _, _, qh, qw in spec.stride_phases]
+    func = tvm.compile(tvm.script.from_source(relayout_llvm(spec)), target=resolve_target("llvm").tvm_target)
+    out = torch.full(spec.out_shape(5), float("nan"))
+    func["weave"](*map(tvm.runtime.from_dlpack, phases), tvm.runtime.from_dlpack(out))
+    assert torch.equal(out, expected)
     check_against_masked_dense_conv((2, 5, 6, 14, 17, (2, 3), (0, 2), (2, 1), 0.0, False))  # 6 phases, dilation
     check_against_masked_dense_conv((2, 8, 8, 16, 16, 2, 1, 1, 0.5, False), block=(2, 4))  # grouped phases
 

@@ -385,7 +385,8 @@ def plan_relayouts(plan: KernelPlan, phase_frame=None) -> dict[str, RelayoutSpec
     gradient and, where it cannot share the forward's, its own padded input) and the chwn
     kernels' outputs back to nchw. A strided nchw forward's input comes split into its column
     phases, in the same copy. An nchw grad-weight whose tile fits the output gradient reads
-    it as it is: no role, no copy (a full pass over the gradient, per call, before session 6)."""
+    it as it is: no role, no copy (a full pass over the gradient, per call, before session 6).
+    Strided grad-input by stride phases gets their interleave into the gradient."""
     g, fwd, gi, gw = plan.geometry, plan.forward, plan.grad_input, plan.grad_weight
     (sh, sw), (dh, dw), (ph, pw) = g.stride, g.dilation, g.padding
     out_hw, in_hw = (g.out_h, g.out_w), (g.in_h, g.in_w)
@@ -408,6 +409,8 @@ def plan_relayouts(plan: KernelPlan, phase_frame=None) -> dict[str, RelayoutSpec
         roles["forward_out"] = _relayout("unpad", fwd, g.out_channels, out_hw, (fwd.out_h, fwd.out_w))
     if gi.layout == "chwn":
         roles["grad_input_out"] = _relayout("unpad", gi, g.in_channels, in_hw, (gi.out_h, gi.out_w))
+    elif phase_frame:  # the stride phases' gradients woven into one
+        roles["grad_input_out"] = _relayout("interleave", gi, g.in_channels, in_hw, in_hw, spread=(sh, sw))
     return roles
 
 

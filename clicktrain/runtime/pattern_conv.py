@@ -158,10 +158,10 @@ class LayerRunner:
             upad = self._padded(gi, up, 2 * dh - g.padding[0], 2 * dw - g.padding[1], (gi.in_h, gi.in_w))
         index = (*map(idx.handle, BWD_INDEX), idx.bias_zeros(g.in_channels, dout))
         if plan.grad_input_phases:  # one stride-1 kernel per stride phase of the input, interleaved
+            phases = [self._run_direct(func, spec, "", upad, weight, *index, g.in_channels, dout.shape[0], *spec.stored)
+                      for (_, spec), func in zip(plan.grad_input_phases, self.kernels.grad_input_phases)]
             grad = torch.empty(dout.shape[0], g.in_channels, g.in_h, g.in_w, device=dout.device)
-            for ((ry, rx), spec), func in zip(plan.grad_input_phases, self.kernels.grad_input_phases):
-                grad[:, :, ry::sh, rx::sw] = self._run_direct(func, spec, "", upad, weight, *index, g.in_channels,
-                                                              dout.shape[0], *spec.stored)
+            _call(self.kernels.relayouts["grad_input_out"], *phases, grad)  # the generated interleave
             return grad
         return self._run_direct(self.kernels.grad_input, plan.grad_input, "grad_input_out", upad, weight, *index,
                                 g.in_channels, dout.shape[0], g.in_h, g.in_w)
