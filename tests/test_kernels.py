@@ -752,3 +752,30 @@ def test_harden_on_llvm_warns_once_when_openmp_spins(monkeypatch):
         warnings.simplefilter("always")
         hardened("llvm")
     assert not caught and "TVM_THREAD_POOL_SPIN_COUNT" not in os.environ
+
+
+@pytest.mark.parametrize("case,block", [((7, 8, 12, 12, 12, 1, 1, 1, 0.3, True), (1, 1)),
+                                        ((7, 8, 12, 34, 33, 2, 1, 1, 0.3, False), (1, 1)),
+                                        ((5, 8, 16, 10, 10, 1, 1, 1, 0.0, True), (4, 4))],
+                         ids=["per-kernel", "strided", "4x4-blocks"])
+def test_grad_weight_by_batch_slices(monkeypatch, case, block):
+    """Before: grad-weight reduced the whole batch in one pass per block of kernels. Expected,
+    on layers with many kernels: slices of images, every block adding its part of each slice
+    (a batch of 7 or 5 in slices of 3, the last one short); gradients as the masked conv's."""
+    import clicktrain.codegen.kernels as K
+    monkeypatch.setattr(K, "grad_weight_slice", lambda geom, layout, *args: 3 if layout == "nchw" else 0)
+    conv = check_against_masked_dense_conv(case, block)
+    assert [k.plan.grad_weight.batch_slice for k in conv._kernels.values()] == [3]
+
+
+def test_grad_weight_slices_the_batch_on_layers_with_many_kernels():
+    """The slice keeps a slice's output gradient and input within GRAD_WEIGHT_SLICE_BYTES, on
+    layers of at least GRAD_WEIGHT_SLICE_KERNELS kernels, nchw and CPU only."""
+    from clicktrain.codegen.kernels import GRAD_WEIGHT_SLICE_BYTES
+    big, _ = planned(64, 128, 16, 1, "llvm")
+    gw = big.grad_weight
+    per_image = 4 * (128 * gw.true_out_h * gw.out_w + 64 * gw.in_h * gw.in_w)
+    assert gw.layout == "nchw" and gw.batch_slice == GRAD_WEIGHT_SLICE_BYTES // per_image > 1
+    assert planned(32, 32, 16, 1, "llvm")[0].grad_weight.batch_slice == 0   # 1024 kernels
+    assert planned(128, 128, 4, 1, "llvm")[0].grad_weight.batch_slice == 0  # chwn
+    assert planned(64, 128, 16, 1, "cuda")[0].grad_weight.batch_slice == 0

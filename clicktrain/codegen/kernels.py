@@ -227,6 +227,29 @@ def grad_weight_group(target: KernelTarget, layout: str = "nchw", pixels: int = 
     return GRAD_WEIGHT_WIDE_GROUP if wide and target.simd_lanes >= 16 else GRAD_WEIGHT_GROUP
 
 
+GRAD_WEIGHT_SLICE_BYTES = 1024 * 1024  # nchw grad-weight: a slice of the batch's output gradient and input
+GRAD_WEIGHT_SLICE_KERNELS = 64 * 128   # ... on layers with at least this many 3x3 kernels
+
+
+def grad_weight_slice(geom: ConvGeometry, layout: str, out_h: int, out_w: int, in_h: int, in_w: int,
+                      cuda: bool) -> int:
+    """Images per batch slice of an nchw CPU grad-weight (0: the whole batch at once): as
+    many as keep the slice's output gradient and input within ``GRAD_WEIGHT_SLICE_BYTES``,
+    on layers of ``GRAD_WEIGHT_SLICE_KERNELS`` kernels or more. Each block of kernels
+    re-reads its filters' output gradient and its channel's input, so a layer with many
+    kernels reads its data hundreds of times (64->128 16x16 at batch 64: ~700 MB of reads of
+    14 MB); whole-batch passes fetched it from beyond L2 every time. Measured (session 7,
+    ``tile_variants``-style A/B in one process, 4/9, 4x4 blocks; per-kernel ids in brackets):
+    64->128 16x16 0.94x -> 2.13x of dense (1.23x -> 1.75x), 128->128 16x16 1.22x -> 2.05x,
+    64->128 14x14 1.27x -> 1.52x, 256->256 8x8 1.45x -> 1.62x; on layers of 4096 kernels or
+    fewer it was even or lost a little (32->32 16x16 per kernel 1.79x -> 1.46x)."""
+    if cuda or layout != "nchw" or not GRAD_WEIGHT_SLICE_BYTES \
+            or geom.in_channels * geom.out_channels < GRAD_WEIGHT_SLICE_KERNELS:
+        return 0
+    per_image = 4 * (geom.out_channels * out_h * out_w + geom.in_channels * in_h * in_w)
+    return max(1, GRAD_WEIGHT_SLICE_BYTES // per_image)
+
+
 def grad_weight_blocks(fwd: FilterKernelLayout, num_patterns: int, group: int):
     """Blocks of up to ``group`` kept kernels sharing an input channel and a pattern, ordered
     by pattern: (filters ``(B, group)``, channel ``(B,)``, weight positions ``(B, group, k)``,
@@ -359,7 +382,9 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                                                          full=row_groups[0] >= GRAD_WEIGHT_WIDE_GROUP
                                                          or geom.out_channels >= GRAD_WEIGHT_WIDE_FILTERS),
                                  # strided rows read column phases (contiguous vectors), as the forward
-                                 phases=sw if gw_layout == "nchw" and not cuda else 1)
+                                 phases=sw if gw_layout == "nchw" and not cuda else 1,
+                                 batch_slice=grad_weight_slice(geom, gw_layout, geom.out_h, gw_w, fwd_in[0], gw_in_w,
+                                                               cuda))
     if not phased:
         plan = KernelPlan(geom, forward, grad_input, grad_weight)
         return plan if cuda else dataclasses.replace(plan, relayouts=plan_relayouts(plan))

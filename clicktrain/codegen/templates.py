@@ -125,6 +125,10 @@ class GradWeightSpec:
     layout: str = "nchw"
     group: int = 1      # kept kernels per block (same input channel and pattern)
     phases: int = 1     # nchw, column stride > 1: the input split into its column phases, as the forward's
+    # nchw: images per slice of the batch (0: the whole batch at once). Every block reduces
+    # one slice (its data kept in cache) before any block goes on to the next, adding into
+    # the gradient
+    batch_slice: int = 0
 
     @property
     def input_shape(self) -> str:
@@ -430,7 +434,9 @@ def _gw_term(s: GradWeightSpec, gi: int, t: int, p: int, x: str, b: str = "b", y
 
 def grad_weight_llvm(s: GradWeightSpec) -> str:
     """One parallel task per block of kernels, reducing over batch and space into
-    ``group x k`` vector accumulators: vectorised along the row (nchw) or the batch (chwn)."""
+    ``group x k`` vector accumulators: vectorised along the row (nchw) or the batch (chwn).
+    With ``batch_slice`` (nchw), one parallel pass per slice of images over every block, each
+    adding its sums into the zeroed gradient: the slice's data stays in cache for all blocks."""
     V, k, G = s.lanes, s.k, s.group
     if s.layout == "chwn":
         reduce, x, b = f"bb, y, x in T.grid(n, {s.true_out_h}, {s.out_w})", "x", "bb"
@@ -451,30 +457,46 @@ def grad_weight_llvm(s: GradWeightSpec) -> str:
         if not split:
             return [f"{pad}for gi, t in T.grid({G}, {k}):"] + body("gi", "t")
         return [line for gi in range(G) for line in [f"{pad}for t in range({k}):"] + body(gi, "t")]
-    lines = _header(s.name, GRAD_WEIGHT_PARAMS) + _grad_weight_buffers(s)
-    for p in range(len(s.offsets)):
-        lines += [f"    for j in T.parallel(pptr[{p}], pptr[{p + 1}]):"]
-        if split:
-            lines += [f'        acc{gi} = T.alloc_buffer(({k}, {V}), "float32", scope="global")' for gi in range(G)]
-        else:
-            lines += [f'        acc = T.alloc_buffer(({G}, {k}, {V}), "float32", scope="global")']
-        lines += each_weight(8, lambda gi, t: ["            for v in T.vectorized(" + f"{V}):",
-                                               f"                {acc(gi, t, 'v')} = T.float32(0)"])
-        lines.append(f"        for {reduce}:")
+    S = s.batch_slice
+    assert not S or s.layout == "nchw", "batch slices are nchw's (chwn blocks the batch in its lanes)"
+    if S:  # a slice of images at a time (image ``bs * S + b``), each block adding its part
+        reduce, b = f"b, y, xt in T.grid(T.min({S}, n - bs * {S}), {s.true_out_h}, {s.out_w // V})", f"bs * {S} + b"
+    alloc = ([f'acc{gi} = T.alloc_buffer(({k}, {V}), "float32", scope="global")' for gi in range(G)] if split
+             else [f'acc = T.alloc_buffer(({G}, {k}, {V}), "float32", scope="global")'])
+
+    def block(p: int, indent: int) -> list[str]:
+        """Block ``j`` (of pattern ``p``): its accumulators zeroed, the reduction, the lanes'
+        sum stored (or, by slices, added) at its kept weights."""
+        pad = " " * indent
+        lines = each_weight(indent, lambda gi, t: [f"{pad}    for v in T.vectorized({V}):",
+                                                   f"{pad}        {acc(gi, t, 'v')} = T.float32(0)"])
+        lines.append(f"{pad}for {reduce}:")
         for gi in range(G):
             for t in range(k):
-                lines += [f"            for v in T.vectorized({V}):",
-                          f"                {acc(gi, t, 'v')} = {acc(gi, t, 'v')} + " + _gw_term(s, gi, t, p, x, b)]
+                lines += [f"{pad}    for v in T.vectorized({V}):",
+                          f"{pad}        {acc(gi, t, 'v')} = {acc(gi, t, 'v')} + " + _gw_term(s, gi, t, p, x, b)]
         assert V & (V - 1) == 0, "lanes meet in a halving tree"
         # lanes meet in a tree of vector adds (halving in place), not a serial scalar chain:
         # on small maps that chain cost about as much as the reduction over the map
         half = V // 2
         while half >= 1:
-            lines += each_weight(8, lambda gi, t, h=half: [
-                f"            for v in T.vectorized({h}):",
-                f"                {acc(gi, t, 'v')} = {acc(gi, t, 'v')} + {acc(gi, t, f'v + {h}')}"])
+            lines += each_weight(indent, lambda gi, t, h=half: [
+                f"{pad}    for v in T.vectorized({h}):",
+                f"{pad}        {acc(gi, t, 'v')} = {acc(gi, t, 'v')} + {acc(gi, t, f'v + {h}')}"])
             half //= 2
-        lines += each_weight(8, lambda gi, t: [f"            g[gidx[j, {gi}, {t}]] = {acc(gi, t, '0')}"])
+        total = (lambda gi, t: f"g[gidx[j, {gi}, {t}]] + {acc(gi, t, '0')}") if S else (lambda gi, t: acc(gi, t, "0"))
+        return lines + each_weight(indent, lambda gi, t: [f"{pad}    g[gidx[j, {gi}, {t}]] = {total(gi, t)}"])
+    lines = _header(s.name, GRAD_WEIGHT_PARAMS) + _grad_weight_buffers(s)
+    if S:  # one parallel pass per slice over every block, each task branching to its pattern
+        lines += [f"    for bs in range((n + {S - 1}) // {S}):",
+                  f"        for j in T.parallel(pptr[{len(s.offsets)}]):"] + ["            " + a for a in alloc]
+        for p in range(len(s.offsets)):
+            lines.append(f"            if pptr[{p}] <= j and j < pptr[{p + 1}]:")
+            lines += block(p, 16)
+        return "\n".join(lines) + "\n"
+    for p in range(len(s.offsets)):
+        lines += [f"    for j in T.parallel(pptr[{p}], pptr[{p + 1}]):"] + ["        " + a for a in alloc]
+        lines += block(p, 8)
     return "\n".join(lines) + "\n"
 
 
