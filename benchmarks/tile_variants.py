@@ -1,6 +1,7 @@
 """Register-tile choices of the generated kernels, each against torch's dense conv, on layers
 of VGG-11 and ResNet-20 at batch 64: the grad-weight block size (kept kernels per block that
-share an input channel and a pattern, ``GRAD_WEIGHT_GROUP``) or the rows of the forward /
+share an input channel and a pattern, ``GRAD_WEIGHT_GROUP``) or its batch slices
+(``grad_weight_slice``), or the rows of the forward /
 grad-input tile (``choose_rows``), or the grad-weight layout (``choose_layouts``: batch in
 the lanes, chwn, or along the row, nchw; glue included), or the forward and grad-input layout
 (``--vary direct``). Each variant and dense are timed in turn, nine rounds, fastest of each;
@@ -13,6 +14,8 @@ ratio = dense time / generated time.
     .venv/bin/python benchmarks/tile_variants.py --vary group --pattern-block 4x4   # on blocked ids
     .venv/bin/python benchmarks/tile_variants.py --vary rowgroup --pattern-block 4x4 [--values 1 2 4]
     .venv/bin/python benchmarks/tile_variants.py --vary phases [--values on off]   # stride-2 grad-input
+    .venv/bin/python benchmarks/tile_variants.py --vary slice [--values off on]    # grad-weight by batch slices
+    .venv/bin/python benchmarks/tile_variants.py --vary weave [--values off on]    # stride phases woven by torch or generated
 """
 
 from __future__ import annotations
@@ -47,19 +50,25 @@ LAYERS = {  # (in, out, h, w): grad-weight runs nchw and chwn; rows matter where
     "rowgroup": [(64, 128, 16, 16), (128, 128, 16, 16), (16, 16, 28, 28), (16, 16, 32, 32), (64, 64, 8, 8),
                  (256, 256, 7, 7), (512, 512, 4, 4), (512, 512, 2, 2)],
     "phases": [(16, 32, 32, 32), (32, 64, 16, 16), (16, 32, 28, 28), (32, 64, 14, 14), (64, 128, 16, 16)],
+    "weave": [(16, 32, 32, 32), (32, 64, 16, 16), (16, 32, 28, 28), (32, 64, 14, 14)],
+    "slice": [(64, 128, 16, 16), (64, 128, 14, 14), (128, 128, 16, 16), (128, 256, 8, 8), (256, 256, 8, 8),
+              (64, 64, 8, 8)],  # the last one below GRAD_WEIGHT_SLICE_KERNELS: sliced only as the variant
 }
 DEFAULT_VALUES = {"group": ["1", "2", "4"], "rows": ["2", "4", "8"], "layout": ["chwn", "nchw"],
-                  "direct": ["chwn", "nchw"], "rowgroup": ["1", "2", "4"], "phases": ["off", "on"]}
-DIRECT = ("rows", "direct", "rowgroup", "phases")  # the variants timed on forward and grad-input
-STRIDE = {"phases": 2}  # the layers' stride (1 unless named)
+                  "direct": ["chwn", "nchw"], "rowgroup": ["1", "2", "4"], "phases": ["off", "on"],
+                  "slice": ["off", "on"], "weave": ["off", "on"]}
+DIRECT = ("rows", "direct", "rowgroup", "phases", "weave")  # the variants timed on forward and grad-input
+STRIDE = {"phases": 2, "weave": 2}  # the layers' stride (1 unless named)
 
 
 def runner_with(vary: str, value: str, weight, library, ids, hw, target, row_groups=(1, 1)):
     """A LayerRunner whose plan uses ``value`` for the varied choice (the defaults otherwise)."""
-    saved = K.grad_weight_group, K.choose_rows, K.choose_layouts, K.STRIDE_PHASES
+    saved = K.grad_weight_group, K.choose_rows, K.choose_layouts, K.STRIDE_PHASES, K.GRAD_WEIGHT_SLICE_KERNELS, \
+        K.GRAD_WEIGHT_SLICE_BYTES, K.WEAVE_PHASES
     if vary == "rowgroup":  # at most ``value`` rows per group (the ids' own groups at most)
         row_groups = tuple(min(int(value), g) for g in row_groups)
     K.STRIDE_PHASES = value != "off" if vary == "phases" else saved[3]
+    K.WEAVE_PHASES = value != "off" if vary == "weave" else saved[6]
     if vary == "group":
         K.grad_weight_group = lambda t, layout="nchw", pixels=0, full=True: int(value)
     elif vary == "rows":
@@ -68,11 +77,14 @@ def runner_with(vary: str, value: str, weight, library, ids, hw, target, row_gro
         K.choose_layouts = lambda g, simd, cuda: (value, value, saved[2](g, simd, cuda)[2])
     elif vary == "layout":
         K.choose_layouts = lambda g, simd, cuda: (*saved[2](g, simd, cuda)[:2], value)
+    elif vary == "slice":  # on: sliced whatever the layer's kernel count
+        K.GRAD_WEIGHT_SLICE_KERNELS, K.GRAD_WEIGHT_SLICE_BYTES = (0, saved[5]) if value == "on" else (saved[4], 0)
     try:
         kernels = LayerKernels.build(ConvGeometry.of(weight.shape, hw, STRIDE.get(vary, 1), 1, 1), library, target,
                                      row_groups)
     finally:
-        K.grad_weight_group, K.choose_rows, K.choose_layouts, K.STRIDE_PHASES = saved
+        (K.grad_weight_group, K.choose_rows, K.choose_layouts, K.STRIDE_PHASES, K.GRAD_WEIGHT_SLICE_KERNELS,
+         K.GRAD_WEIGHT_SLICE_BYTES, K.WEAVE_PHASES) = saved
     return LayerRunner(kernels, LayerIndex.build(library, ids, weight.device, kernels.plan))
 
 

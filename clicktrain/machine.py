@@ -61,9 +61,10 @@ def check_spin_waits() -> None:
     (``TVM_THREAD_POOL_SPIN_COUNT=0`` unless set; TVM reads it when its pool starts, at the
     first kernel). Both runtimes spinning after each call fight over the cores. Measured
     (``benchmarks/openmp_wait.py``, VGG-11/4, batch 64, 2 cores, session 7; hardened llvm
-    step against dense's): OpenMP's and TVM's defaults 36-168 ms (0.21-1.04x: some runs
-    stall), TVM's spin off 31-32 ms (1.16-1.79x), ``GOMP_SPINCOUNT=2000`` with TVM spinning
-    23-27 ms (1.31-1.85x), ``GOMP_SPINCOUNT=2000`` with TVM's spin off 31-35 ms."""
+    step against dense's; docs/measurements/openmp-wait-amd-epyc-avx512-2core.txt): OpenMP's
+    and TVM's defaults 26-168 ms (0.21-1.28x: 4 of 6 runs stalled), TVM's spin off 28-35 ms
+    (1.05-1.79x), ``GOMP_SPINCOUNT=2000`` with TVM spinning 22-44 ms (0.76-1.85x), with TVM's
+    spin off 31-35 ms (1.15-1.42x)."""
     global _openmp_warned
     if _openmp_warned or set(OPENMP_WAIT_VARS) & set(os.environ):
         return

@@ -145,6 +145,16 @@ def test_strided_grad_input_runs_one_kernel_per_stride_phase():
     check_against_masked_dense_conv((3, 6, 8, 15, 15, 2, 1, 1, 0.3, True))
 
 
+def test_strided_grad_input_woven_by_torch_without_the_generated_interleave(monkeypatch):
+    """``WEAVE_PHASES = False`` (the measured alternative, ``tile_variants.py --vary weave``):
+    no interleave planned, torch's strided assignments weave the phases; same numerics."""
+    import clicktrain.codegen.kernels as K
+    monkeypatch.setattr(K, "WEAVE_PHASES", False)
+    conv = check_against_masked_dense_conv((3, 6, 8, 15, 15, 2, 1, 1, 0.3, True))
+    plan = next(iter(conv._kernels.values())).plan
+    assert plan.grad_input_phases and "grad_input_out" not in plan.relayouts
+
+
 @pytest.mark.parametrize("shape", [(7, 13, 2, 2), (32, 32, 2, 2), (28, 28, 2, 2), (9, 10, 3, 2), (1, 5, 2, 2),
                                    (5, 1, 2, 2), (6, 40, 1, 3)],
                          ids=["odd", "32-wide", "28-wide", "stride-3x2", "one-row", "one-column", "stride-1x3"])

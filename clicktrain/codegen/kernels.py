@@ -278,6 +278,7 @@ def grad_weight_blocks(fwd: FilterKernelLayout, num_patterns: int, group: int):
 
 
 STRIDE_PHASES = True  # strided CPU grad-input by stride phases (False: on the zero-inserted gradient)
+WEAVE_PHASES = True   # ... their gradients woven by a generated copy (False: torch's strided assignments)
 
 
 def _phase_taps(phase: int, stride: int, padding: int, dilation: int) -> dict[int, int]:
@@ -434,7 +435,7 @@ def plan_relayouts(plan: KernelPlan, phase_frame=None) -> dict[str, RelayoutSpec
         roles["forward_out"] = _relayout("unpad", fwd, g.out_channels, out_hw, (fwd.out_h, fwd.out_w))
     if gi.layout == "chwn":
         roles["grad_input_out"] = _relayout("unpad", gi, g.in_channels, in_hw, (gi.out_h, gi.out_w))
-    elif phase_frame:  # the stride phases' gradients woven into one
+    elif phase_frame and WEAVE_PHASES:  # the stride phases' gradients woven into one
         roles["grad_input_out"] = _relayout("interleave", gi, g.in_channels, in_hw, in_hw, spread=(sh, sw))
     return roles
 

@@ -161,7 +161,11 @@ class LayerRunner:
             phases = [self._run_direct(func, spec, "", upad, weight, *index, g.in_channels, dout.shape[0], *spec.stored)
                       for (_, spec), func in zip(plan.grad_input_phases, self.kernels.grad_input_phases)]
             grad = torch.empty(dout.shape[0], g.in_channels, g.in_h, g.in_w, device=dout.device)
-            _call(self.kernels.relayouts["grad_input_out"], *phases, grad)  # the generated interleave
+            if "grad_input_out" in self.kernels.relayouts:  # the generated interleave
+                _call(self.kernels.relayouts["grad_input_out"], *phases, grad)
+            else:
+                for ((ry, rx), _), phase in zip(plan.grad_input_phases, phases):
+                    grad[:, :, ry::sh, rx::sw] = phase
             return grad
         return self._run_direct(self.kernels.grad_input, plan.grad_input, "grad_input_out", upad, weight, *index,
                                 g.in_channels, dout.shape[0], g.in_h, g.in_w)
