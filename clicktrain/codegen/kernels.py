@@ -239,10 +239,11 @@ def grad_weight_slice(geom: ConvGeometry, layout: str, out_h: int, out_w: int, i
     re-reads its filters' output gradient and its channel's input, so a layer with many
     kernels reads its data hundreds of times (64->128 16x16 at batch 64: ~700 MB of reads of
     14 MB); whole-batch passes fetched it from beyond L2 every time. Measured (session 7,
-    ``tile_variants``-style A/B in one process, 4/9, 4x4 blocks; per-kernel ids in brackets):
-    64->128 16x16 0.94x -> 2.13x of dense (1.23x -> 1.75x), 128->128 16x16 1.22x -> 2.05x,
-    64->128 14x14 1.27x -> 1.52x, 256->256 8x8 1.45x -> 1.62x; on layers of 4096 kernels or
-    fewer it was even or lost a little (32->32 16x16 per kernel 1.79x -> 1.46x)."""
+    ``benchmarks/tile_variants.py --vary slice``, 4/9, 4x4 blocks; per kernel in brackets):
+    64->128 16x16 1.50x -> 2.03x of dense (1.22x -> 1.72x), 128->128 16x16 1.13x -> 1.74x,
+    64->128 14x14 1.28x -> 1.55x, 256->256 8x8 1.41x -> 1.61x; on layers of 1024 kernels or
+    fewer it was even or lost (32->32 16x16 per kernel 1.79x -> 1.46x in one A/B), and 64->64
+    8x8 gained 0-15 %: hence the threshold (docs/performance.md, session 7)."""
     if cuda or layout != "nchw" or not GRAD_WEIGHT_SLICE_BYTES \
             or geom.in_channels * geom.out_channels < GRAD_WEIGHT_SLICE_KERNELS:
         return 0
