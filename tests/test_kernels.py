@@ -106,6 +106,7 @@ GROUPED = [  # case as in GRID, pattern block, expected (forward, grad-input) ro
     ((2, 8, 8, 32, 30, 2, 1, 1, 0.5, True), (1, 2), (1, 2)),      # strided: forward on column phases, ungrouped
     ((2, 6, 12, 16, 16, 1, 1, 1, 0.0, False), (3, 2), (1, 2)),    # blocks of 3 filters: not a power of two
     ((3, 16, 16, 8, 8, 1, 1, 1, 0.5, True), (2, 2), (2, 2)),      # chwn (batch in lanes), 8-wide rows
+    ((3, 16, 16, 8, 8, 1, 1, 1, 0.5, True), (4, 4), (4, 4)),      # chwn 8-wide rows in tiles of 4 columns
     ((2, 8, 18, 4, 4, 1, 1, 1, 0.3, False), (2, 4), (2, 4)),      # chwn 4x4; 18 rows: the last task's group partial
     ((17, 12, 8, 2, 2, 1, 1, 1, 0.0, True), (4, 4), (4, 4)),      # chwn 2x2, batch not a multiple of the lanes
     ((2, 8, 16, 12, 12, 1, 1, 1, 0.3, True), (4, 4), (4, 4)),     # nchw, grad-weight in blocks of 4 kernels
@@ -119,6 +120,23 @@ def test_grouped_rows_match_masked_dense_conv(case, block, groups):
     conv = check_against_masked_dense_conv(case, block)
     plan = conv.kernels_for(case[3:5], (case[2], case[1], 3, 3)).plan
     assert (plan.forward.row_group, plan.grad_input.row_group) == groups
+
+
+def test_chwn_tiles_of_columns_for_groups_of_four():
+    """Before: a chwn tile was whole output rows, so 8-wide rows held groups of 2 (16
+    accumulators). Expected: with ids in groups of 4, 4 rows of the layout x 4 columns (the
+    loaded input vectors a tile needs fall from 10 to 6 per row of taps); numerics as the
+    masked conv, also for a stride-2 forward down to 8x8 and for rows that do not split."""
+    from clicktrain.codegen.kernels import CHWN_X_TILE, ConvGeometry, plan_kernels
+    library = ct.patterns.fixed_library(4, 8)
+    plan = plan_kernels(ConvGeometry.of((64, 64, 3, 3), (8, 8), 1, 1, 1), library, resolve_target("llvm"), (4, 4))
+    assert CHWN_X_TILE == 4 and plan.forward.layout == plan.grad_input.layout == "chwn"
+    assert [(spec.row_group, spec.x_tile, spec.out_w) for spec in (plan.forward, plan.grad_input)] == [(4, 4, 8)] * 2
+    whole = plan_kernels(ConvGeometry.of((64, 64, 3, 3), (8, 8), 1, 1, 1), library, resolve_target("llvm"), (2, 2))
+    assert (whole.forward.row_group, whole.forward.x_tile) == (2, 0)  # groups of 2: whole rows
+    conv = check_against_masked_dense_conv((3, 8, 16, 16, 16, 2, 1, 1, 0.3, True), block=(4, 4))
+    assert next(iter(conv._kernels.values())).plan.forward.x_tile == 4
+    check_against_masked_dense_conv((2, 8, 8, 7, 7, 1, 1, 1, 0.0, False), block=(4, 4))  # 7 wide: whole rows
 
 
 def test_strided_grad_input_runs_one_kernel_per_stride_phase():

@@ -185,14 +185,29 @@ def choose_row_group(block: int, lanes: int, simd_lanes: int) -> tuple[int, int]
     return group, min(8, GROUPED_ACCUMULATORS // (group * vectors))
 
 
+CHWN_X_TILE = 4  # chwn: output columns per tile on wider rows where ids come in groups of 4 (0: whole rows)
+
+
+def chwn_x_tile(width: int, block: int) -> int:
+    """Columns per chwn tile (0: whole rows). With ids in groups of 4 (``block``), rows that
+    split into tiles of ``CHWN_X_TILE`` take 4 layout rows x 4 columns instead of 2 x whole
+    8-wide rows: a row of taps needs 6 loaded input vectors instead of 10, and a weight
+    broadcast feeds half the FMAs. Measured (session 7, three A/Bs in one process, 4/9, 4x4
+    blocks, forward / grad-input): 64->64 8x8 1.72-1.90x -> 1.76-1.98x / 1.63-1.91x ->
+    1.79-1.88x, 128->256 8x8 1.55-1.60x -> 1.62-1.65x / 1.35-1.47x -> 1.52-1.54x, 256->256
+    8x8 1.48-1.54x -> 1.56-1.60x / 1.41-1.49x -> 1.43-1.53x: a few per cent, in 17 of 18."""
+    return CHWN_X_TILE if CHWN_X_TILE and width > CHWN_X_TILE and width % CHWN_X_TILE == 0 and block >= 4 else 0
+
+
 def _tile(layout: str, height: int, width: int, target: KernelTarget, cuda: bool,
           block: int = 1) -> tuple[int, int, int, int, int]:
     """(row group, rows, lanes, padded height, padded width) of a direct-conv output tile."""
     if layout == "chwn":  # lanes along the batch; the tile is whole output rows
         group = 1  # a power of two (as ``block`` is) with a whole row of accumulators each
-        while 2 * group <= min(block, MAX_ROW_GROUP, CHWN_ACCUMULATORS // width):
+        tile_w = chwn_x_tile(width, block) or width
+        while 2 * group <= min(block, MAX_ROW_GROUP, CHWN_ACCUMULATORS // tile_w):
             group *= 2
-        rows = choose_chwn_rows(height, width, group)
+        rows = choose_chwn_rows(height, tile_w, group)
         return group, rows, target.simd_lanes, _round_up(height, rows), width
     if cuda:
         return 1, 1, 1, height, width
@@ -357,7 +372,8 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                              # strided rows read column phases: measured 1.4-2.3x faster forward
                              phases=sw if fwd_layout == "nchw" and not cuda else 1,
                              channel_block=fwd_blocks[0], filter_block=fwd_blocks[1], batch_inner=fwd_blocks[2],
-                             row_group=group_f)
+                             row_group=group_f,
+                             x_tile=chwn_x_tile(ow, row_groups[0]) if fwd_layout == "chwn" else 0)
     grad_input = DirectConvSpec(f"ct_dgrad_{gi_layout}_{gi_tag}", geom.out_channels, geom.in_channels, gi_in[0], gi_in[1],
                                 ih, iw, (1, 1), flipped, rows_g, lanes_g, bias=False, layout=gi_layout,
                                 stored=gi_stored, positions=positions, strides=(9, C9),
@@ -367,7 +383,8 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                                 gathered_weight=not (cuda or phased) and group_g == 1
                                 and geom.in_channels * geom.out_channels * 9 >= GATHER_GRAD_INPUT_WEIGHTS,
                                 channel_block=gi_blocks[0], filter_block=gi_blocks[1], batch_inner=gi_blocks[2],
-                                row_group=group_g)
+                                row_group=group_g,
+                                x_tile=chwn_x_tile(iw, row_groups[1]) if gi_layout == "chwn" else 0)
     # grad-weight reads the forward's padded input when their layouts agree; otherwise its own copy
     if gw_layout == "chwn":
         gw_lanes, gw_w = target.simd_lanes, geom.out_w

@@ -83,6 +83,8 @@ class DirectConvSpec:
     # weights per kept kernel, where ``offsets`` hold fewer: one stride phase's taps of each
     # pattern (a pattern may have none), ``positions`` the same taps' weight positions
     kept: int = 0
+    # chwn: output columns per tile (0: the whole row)
+    x_tile: int = 0
 
     @property
     def channel_blocks(self) -> int:
@@ -269,15 +271,17 @@ def direct_conv_llvm(s: DirectConvSpec) -> str:
 
 def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
     """chwn: one parallel task per (block of ``lanes`` images, block of ``filter_block`` output
-    rows), the register tile ``rows`` whole output rows vectorised along the batch, for each
-    of ``row_group`` layout rows that share their runs (each input vector loaded once for the
-    group). The task walks the source channels block by block (``channel_block``), each block
+    rows), the register tile ``rows`` whole output rows (or ``x_tile`` columns of them)
+    vectorised along the batch, for each of ``row_group`` layout rows that share their runs
+    (each input vector loaded once for the group). The task walks the source channels block by block (``channel_block``), each block
     for all its output rows, adding into the output: that block of its images' input (a few
     dozen KB) stays in cache while every row reads it. Without blocks every row streamed the
     whole input of its images (a 512-channel 4x4 layer: about 1 MB per row, from memory)."""
     O, R, V, FB, G = s.dst_channels, s.rows, s.lanes, s.filter_block, s.row_group
     P, B = len(s.offsets), s.channel_blocks
-    assert FB % G == 0 and O % G == 0 and (G == 1 or not s.gathered_weight)
+    XW = s.x_tile or s.out_w
+    assert FB % G == 0 and O % G == 0 and (G == 1 or not s.gathered_weight) and s.out_w % XW == 0
+    column = f"xt * {XW} + x" if XW < s.out_w else "x"
     groups = -(-O // FB)
     if s.batch_inner:  # n: blocks of images
         task, images = f"bf // n * {FB}", "bf % n"
@@ -298,7 +302,7 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
         return f"bias[perm[{f(g)}]]" if s.bias else "T.float32(0)"
 
     def out(g: int, r: int) -> str:
-        return f"out[{images}, perm[{f(g)}], yt * {R} + {r}, x, v]"
+        return f"out[{images}, perm[{f(g)}], yt * {R} + {r}, {column}, v]"
 
     def tile(indent: int, body) -> list[str]:
         """``body(g, r)`` over the tile: the group's rows and the tile rows unrolled here, each
@@ -306,13 +310,13 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
         lines = []
         for g in range(G):
             for r in range(R):
-                lines += _vector_tile([("x", s.out_w)], V, indent, body(g, r))
+                lines += _vector_tile([("x", XW)], V, indent, body(g, r))
         return lines
     lines = _header(s.name, DIRECT_PARAMS) + _direct_buffers(s)
     # one accumulator buffer per row: TVM puts a buffer of 1 KB or more (16 AVX-512 vectors)
     # on the heap, where LLVM cannot keep it in registers (measured: 3-4x slower)
     lines += [f"    for bf in T.parallel(n * {groups}):"]
-    lines += [f'        {buffer(g, r)} = T.alloc_buffer(({s.out_w}, {V}), "float32", scope="global")'
+    lines += [f'        {buffer(g, r)} = T.alloc_buffer(({XW}, {V}), "float32", scope="global")'
               for g in range(G) for r in range(R)]
     def rows_of_task(indent: int, body) -> list[str]:
         """``body(indent)`` for each of the task's (groups of) output rows and tiles."""
@@ -321,7 +325,9 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
             indent += 4
             lines.append(" " * indent + f"if {f(0)} < {O}:")
         lines.append(" " * (indent + 4) + f"for yt in range({s.out_h // R}):")
-        return lines + body(indent + 8)
+        if XW == s.out_w:
+            return lines + body(indent + 8)
+        return lines + [" " * (indent + 8) + f"for xt in range({s.out_w // XW}):"] + body(indent + 12)
 
     def block(cb: str, start: bool):
         """One block of source channels into the tile: from the bias (the only block) or from
@@ -331,7 +337,7 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
             for p in range(P):
                 lines.append(" " * indent + f"for j in range(ptr[{f(0)}, {cb} * {P + 1} + {p}], "
                              f"ptr[{f(0)}, {cb} * {P + 1} + {p + 1}]):")
-                lines += tile(indent + 4, lambda g, r: _fma_chain(acc(g, r), s, p, images, f"yt * {R} + {r}", "x",
+                lines += tile(indent + 4, lambda g, r: _fma_chain(acc(g, r), s, p, images, f"yt * {R} + {r}", column,
                                                                    row=f(g)))
             return lines + tile(indent, lambda g, r: f"{out(g, r)} = {acc(g, r)}")
         return body
