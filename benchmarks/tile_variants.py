@@ -16,6 +16,7 @@ ratio = dense time / generated time.
     .venv/bin/python benchmarks/tile_variants.py --vary phases [--values on off]   # stride-2 grad-input
     .venv/bin/python benchmarks/tile_variants.py --vary slice [--values off on]    # grad-weight by batch slices
     .venv/bin/python benchmarks/tile_variants.py --vary weave [--values off on]    # stride phases woven by torch or generated
+    .venv/bin/python benchmarks/tile_variants.py --vary xtile --pattern-block 4x4  # chwn columns per tile (0: whole rows)
 """
 
 from __future__ import annotations
@@ -51,24 +52,26 @@ LAYERS = {  # (in, out, h, w): grad-weight runs nchw and chwn; rows matter where
                  (256, 256, 7, 7), (512, 512, 4, 4), (512, 512, 2, 2)],
     "phases": [(16, 32, 32, 32), (32, 64, 16, 16), (16, 32, 28, 28), (32, 64, 14, 14), (64, 128, 16, 16)],
     "weave": [(16, 32, 32, 32), (32, 64, 16, 16), (16, 32, 28, 28), (32, 64, 14, 14)],
+    "xtile": [(64, 64, 8, 8), (128, 256, 8, 8), (256, 256, 8, 8), (64, 128, 8, 8)],
     "slice": [(64, 128, 16, 16), (64, 128, 14, 14), (128, 128, 16, 16), (128, 256, 8, 8), (256, 256, 8, 8),
               (64, 64, 8, 8)],  # the last one below GRAD_WEIGHT_SLICE_KERNELS: sliced only as the variant
 }
 DEFAULT_VALUES = {"group": ["1", "2", "4"], "rows": ["2", "4", "8"], "layout": ["chwn", "nchw"],
                   "direct": ["chwn", "nchw"], "rowgroup": ["1", "2", "4"], "phases": ["off", "on"],
-                  "slice": ["off", "on"], "weave": ["off", "on"]}
-DIRECT = ("rows", "direct", "rowgroup", "phases", "weave")  # the variants timed on forward and grad-input
+                  "slice": ["off", "on"], "weave": ["off", "on"], "xtile": ["0", "4"]}
+DIRECT = ("rows", "direct", "rowgroup", "phases", "weave", "xtile")  # the variants timed on forward and grad-input
 STRIDE = {"phases": 2, "weave": 2}  # the layers' stride (1 unless named)
 
 
 def runner_with(vary: str, value: str, weight, library, ids, hw, target, row_groups=(1, 1)):
     """A LayerRunner whose plan uses ``value`` for the varied choice (the defaults otherwise)."""
     saved = K.grad_weight_group, K.choose_rows, K.choose_layouts, K.STRIDE_PHASES, K.GRAD_WEIGHT_SLICE_KERNELS, \
-        K.GRAD_WEIGHT_SLICE_BYTES, K.WEAVE_PHASES
+        K.GRAD_WEIGHT_SLICE_BYTES, K.WEAVE_PHASES, K.CHWN_X_TILE
     if vary == "rowgroup":  # at most ``value`` rows per group (the ids' own groups at most)
         row_groups = tuple(min(int(value), g) for g in row_groups)
     K.STRIDE_PHASES = value != "off" if vary == "phases" else saved[3]
     K.WEAVE_PHASES = value != "off" if vary == "weave" else saved[6]
+    K.CHWN_X_TILE = int(value) if vary == "xtile" else saved[7]
     if vary == "group":
         K.grad_weight_group = lambda t, layout="nchw", pixels=0, full=True: int(value)
     elif vary == "rows":
@@ -84,7 +87,7 @@ def runner_with(vary: str, value: str, weight, library, ids, hw, target, row_gro
                                      row_groups)
     finally:
         (K.grad_weight_group, K.choose_rows, K.choose_layouts, K.STRIDE_PHASES, K.GRAD_WEIGHT_SLICE_KERNELS,
-         K.GRAD_WEIGHT_SLICE_BYTES, K.WEAVE_PHASES) = saved
+         K.GRAD_WEIGHT_SLICE_BYTES, K.WEAVE_PHASES, K.CHWN_X_TILE) = saved
     return LayerRunner(kernels, LayerIndex.build(library, ids, weight.device, kernels.plan))
 
 
