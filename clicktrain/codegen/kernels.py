@@ -195,7 +195,9 @@ def chwn_x_tile(width: int, block: int) -> int:
     broadcast feeds half the FMAs. Measured (session 7, three A/Bs in one process, 4/9, 4x4
     blocks, forward / grad-input): 64->64 8x8 1.72-1.90x -> 1.76-1.98x / 1.63-1.91x ->
     1.79-1.88x, 128->256 8x8 1.55-1.60x -> 1.62-1.65x / 1.35-1.47x -> 1.52-1.54x, 256->256
-    8x8 1.48-1.54x -> 1.56-1.60x / 1.41-1.49x -> 1.43-1.53x: a few per cent, in 17 of 18."""
+    8x8 1.48-1.54x -> 1.56-1.60x / 1.41-1.49x -> 1.43-1.53x: a few per cent, in 17 of 18;
+    ``benchmarks/tile_variants.py --vary xtile --pattern-block 4x4`` afterwards: forward
+    even, grad-input 5-12 % faster."""
     return CHWN_X_TILE if CHWN_X_TILE and width > CHWN_X_TILE and width % CHWN_X_TILE == 0 and block >= 4 else 0
 
 
