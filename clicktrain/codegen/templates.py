@@ -273,8 +273,8 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
     """chwn: one parallel task per (block of ``lanes`` images, block of ``filter_block`` output
     rows), the register tile ``rows`` whole output rows (or ``x_tile`` columns of them)
     vectorised along the batch, for each of ``row_group`` layout rows that share their runs
-    (each input vector loaded once for the group). The task walks the source channels block by block (``channel_block``), each block
-    for all its output rows, adding into the output: that block of its images' input (a few
+    (each input vector loaded once for the group). The task walks the source channels block
+    by block (``channel_block``), each block for all its output rows, adding into the output: that block of its images' input (a few
     dozen KB) stays in cache while every row reads it. Without blocks every row streamed the
     whole input of its images (a 512-channel 4x4 layer: about 1 MB per row, from memory)."""
     O, R, V, FB, G = s.dst_channels, s.rows, s.lanes, s.filter_block, s.row_group
