@@ -204,8 +204,8 @@ def chwn_x_tile(width: int, block: int) -> int:
 def _tile(layout: str, height: int, width: int, target: KernelTarget, cuda: bool,
           block: int = 1) -> tuple[int, int, int, int, int]:
     """(row group, rows, lanes, padded height, padded width) of a direct-conv output tile."""
-    if layout == "chwn":  # lanes along the batch; the tile is whole output rows
-        group = 1  # a power of two (as ``block`` is) with a whole row of accumulators each
+    if layout == "chwn":  # lanes along the batch; the tile is whole output rows, or tiles of them (chwn_x_tile)
+        group = 1  # a power of two (as ``block`` is) with a tile's row of accumulators each
         tile_w = chwn_x_tile(width, block) or width
         while 2 * group <= min(block, MAX_ROW_GROUP, CHWN_ACCUMULATORS // tile_w):
             group *= 2

@@ -274,8 +274,8 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
     rows), the register tile ``rows`` whole output rows (or ``x_tile`` columns of them)
     vectorised along the batch, for each of ``row_group`` layout rows that share their runs
     (each input vector loaded once for the group). The task walks the source channels block
-    by block (``channel_block``), each block for all its output rows, adding into the output: that block of its images' input (a few
-    dozen KB) stays in cache while every row reads it. Without blocks every row streamed the
+    by block (``channel_block``), each block for all its output rows, adding into the output:
+    that block of its images' input (a few dozen KB) stays in cache while every row reads it. Without blocks every row streamed the
     whole input of its images (a 512-channel 4x4 layer: about 1 MB per row, from memory)."""
     O, R, V, FB, G = s.dst_channels, s.rows, s.lanes, s.filter_block, s.row_group
     P, B = len(s.offsets), s.channel_blocks
@@ -443,11 +443,13 @@ def grad_weight_llvm(s: GradWeightSpec) -> str:
     ``group x k`` vector accumulators: vectorised along the row (nchw) or the batch (chwn).
     With ``batch_slice`` (nchw), one parallel pass per slice of images over every block, each
     adding its sums into the zeroed gradient: the slice's data stays in cache for all blocks."""
-    V, k, G = s.lanes, s.k, s.group
+    V, k, G, S = s.lanes, s.k, s.group, s.batch_slice
+    assert not S or s.layout == "nchw", "batch slices are nchw's (chwn blocks the batch in its lanes)"
     if s.layout == "chwn":
         reduce, x, b = f"bb, y, x in T.grid(n, {s.true_out_h}, {s.out_w})", "x", "bb"
-    else:
-        reduce, x, b = f"b, y, xt in T.grid(n, {s.true_out_h}, {s.out_w // V})", f"xt * {V} + v", "b"
+    else:  # by slices: image ``bs * S + b`` of the slice's ``min(S, rest)``
+        images, b = (f"T.min({S}, n - bs * {S})", f"bs * {S} + b") if S else ("n", "b")
+        reduce, x = f"b, y, xt in T.grid({images}, {s.true_out_h}, {s.out_w // V})", f"xt * {V} + v"
     # accumulators: one buffer, or one per kernel of the block where one would reach 1 KB (4
     # kernels x 4 weights x 16 lanes): TVM puts a buffer of 1 KB or more on its heap
     # workspace, out of LLVM's registers (blocks of 4 then ran 0.4x of dense, against 1.8x
@@ -463,10 +465,6 @@ def grad_weight_llvm(s: GradWeightSpec) -> str:
         if not split:
             return [f"{pad}for gi, t in T.grid({G}, {k}):"] + body("gi", "t")
         return [line for gi in range(G) for line in [f"{pad}for t in range({k}):"] + body(gi, "t")]
-    S = s.batch_slice
-    assert not S or s.layout == "nchw", "batch slices are nchw's (chwn blocks the batch in its lanes)"
-    if S:  # a slice of images at a time (image ``bs * S + b``), each block adding its part
-        reduce, b = f"b, y, xt in T.grid(T.min({S}, n - bs * {S}), {s.true_out_h}, {s.out_w // V})", f"bs * {S} + b"
     alloc = ([f'acc{gi} = T.alloc_buffer(({k}, {V}), "float32", scope="global")' for gi in range(G)] if split
              else [f'acc = T.alloc_buffer(({G}, {k}, {V}), "float32", scope="global")'])
 
@@ -684,7 +682,8 @@ def _phase_pieces(first: int, end: int, src0: int, P: int, width: int) -> list[t
     """The phase columns ``[first, end)`` (column t reads source column ``t * P + src0``) cut
     into (t, lanes, window start) pieces: each loads ``P * lanes`` contiguous source columns
     from the window start, all inside the row, and keeps every P-th. Pieces may overlap; a
-    piece with 1 lane is a scalar copy (where no window fits)."""
+    piece with 1 lane is a scalar copy (where no window fits). With ``P = 1`` and ``width =
+    end`` it cuts a plain row into vector pieces (``interleave_phases_llvm``)."""
     def window(t: int, lanes: int) -> int | None:
         start = min(t * P + src0, width - P * lanes)  # the window may start up to P - 1 early
         return start if start >= max(0, t * P + src0 - (P - 1)) else None
@@ -764,21 +763,6 @@ def _unpad_chwn_llvm(s: RelayoutSpec) -> list[str]:
                     f"                        out[{b} * {V} + v, {c}, y, x] = inp[{b}, {c}, y, x, v]"]
 
 
-def _cover(count: int) -> list[tuple[int, int]]:
-    """(start, lanes) vector pieces covering ``[0, count)``, widest first; the last one
-    overlaps its neighbour rather than leaving a tail (rewriting the same values). None where
-    ``count`` is below the narrowest piece."""
-    pieces, t = [], 0
-    while count >= min(PHASE_CHUNKS) and t < count:
-        # the narrowest piece that finishes the row (overlapping), else the widest that fits
-        finishing = [v for v in PHASE_CHUNKS if count - t <= v <= count]
-        lanes = min(finishing) if finishing else max(v for v in PHASE_CHUNKS if v <= count - t)
-        start = min(t, count - lanes)
-        pieces.append((start, lanes))
-        t = start + lanes
-    return pieces
-
-
 def interleave_phases_llvm(s: RelayoutSpec) -> str:
     """The stride phases of a strided conv's grad-input (one nchw buffer each, ``s.stride_phases``)
     woven into the gradient: one task per (image, channel); each output row of row phase ry
@@ -804,7 +788,11 @@ def interleave_phases_llvm(s: RelayoutSpec) -> str:
         lines.append(f"        for q in range({-(-(h - ry) // sy)}):")
         common = min(qw for _, qw in row) if len(row) == sx else 0  # phase columns every phase has
         covered = 0
-        for t, lanes in _cover(common):
+        # vector pieces over the columns every phase has (a row read in place: one phase, the
+        # window its own); narrower rows and the rest go column by column below
+        for t, lanes, _ in _phase_pieces(0, common, 0, 1, common):
+            if lanes == 1:
+                continue
             loads = ", ".join(f"{names[ry, rx]}[{b}, {c}, q, T.ramp({t}, 1, {lanes})]" for rx, _ in row)
             order = ", ".join(str(rx * lanes + i) for i in range(lanes) for rx in range(sx))
             lines.append(f"            out[{b}, {c}, q * {sy} + {ry}, T.ramp({t * sx}, 1, {sx * lanes})] = "
