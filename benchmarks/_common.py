@@ -41,6 +41,21 @@ def median_seconds(fn, repeats: int = 7, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def full_fp32(fn):
+    """``fn`` with cuDNN's TF32 tensor-core convolutions off (torch allows them by default): the
+    same float32 arithmetic the generated CUDA kernels do."""
+    import torch
+
+    def run():
+        saved = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            return fn()
+        finally:
+            torch.backends.cudnn.allow_tf32 = saved
+    return run
+
+
 def header(threads: int, target: str = "llvm") -> str:
     import torch
     import tvm

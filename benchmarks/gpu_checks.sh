@@ -4,9 +4,13 @@
 # Logs go to $OUT (default ./gpu-out). The machine needs torch with CUDA; TVM either installed
 # or given as a bundle folder (for machines without a package registry) holding the
 # apache-tvm-ffi wheel for its Python, tvm-runtime.tar.xz (the apache-tvm wheel's files
-# without libtvm_compiler.so) and libtvm_compiler.so.xz:
+# without libtvm_compiler.so) and libtvm_compiler.so.xz, and optionally cache.tar.xz (kernels
+# compiled ahead elsewhere for this GPU's architecture by tests/cuda_prebuild.py, so that the
+# GPU machine's time goes to running them):
 #
 #     benchmarks/gpu_checks.sh [BUNDLE_DIR]
+#
+# GPU_CHECKS_4X4=1 also runs both benchmarks with 4x4 pattern blocks.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -20,6 +24,7 @@ if [ $# -ge 1 ]; then  # TVM from the bundle: compiling happens here, for this G
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $site "$1"/*.whl || exit 1
   tar xJf "$1/tvm-runtime.tar.xz" -C $site && xz -dc "$1/libtvm_compiler.so.xz" > $site/tvm/lib/libtvm_compiler.so || exit 1
   export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+  if [ -f "$1/cache.tar.xz" ]; then mkdir -p "$CLICKTRAIN_CACHE" && tar xJf "$1/cache.tar.xz" -C "$CLICKTRAIN_CACHE" || exit 1; fi
 fi
 nvidia-smi -L
 $PY -c "import torch, tvm; print('torch', torch.__version__, '| TVM', tvm.__version__, '|', torch.cuda.get_device_name())" || exit 1
@@ -31,6 +36,9 @@ $PY tests/cuda_prebuild.py --no-bench > "$OUT/compile-tests.log" 2>&1 & pids+=($
 for m in vgg11 resnet20; do for s in 28 32; do
   $PY benchmarks/kernels.py --target cuda --compile-only --models $m --sizes $s > "$OUT/compile-$m-$s.log" 2>&1 & pids+=($!)
 done; done
+if [ "${GPU_CHECKS_4X4:-0}" = 1 ]; then
+  $PY benchmarks/kernels.py --target cuda --compile-only --pattern-block 4x4 > "$OUT/compile-4x4.log" 2>&1 & pids+=($!)
+fi
 for p in "${pids[@]}"; do wait $p || echo "a compile job failed (see $OUT/compile-*.log)"; done
 echo "compiled in $(( $(date +%s) - started )) s"
 
@@ -40,4 +48,9 @@ $PY benchmarks/train_step.py --target cuda --models vgg11 resnet20 --sizes 32 --
   2>&1 | tee "$OUT/train-step-cuda.txt"
 CLICKTRAIN_AUTOTUNE=0 $PY benchmarks/train_step.py --target cuda --models vgg11 resnet20 --sizes 32 \
   --connectivity 0.5 0.75 --repeats 20 2>&1 | tee "$OUT/train-step-cuda-generated-only.txt"
+if [ "${GPU_CHECKS_4X4:-0}" = 1 ]; then
+  $PY benchmarks/kernels.py --target cuda --pattern-block 4x4 2>&1 | tee "$OUT/kernels-cuda-4x4.txt"
+  $PY benchmarks/train_step.py --target cuda --models vgg11 resnet20 --sizes 32 --connectivity 0.5 0.75 --repeats 20 \
+    --pattern-block 4x4 2>&1 | tee "$OUT/train-step-cuda-4x4.txt"
+fi
 echo "all done in $(( $(date +%s) - started )) s"

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fastest_alternating, header  # noqa: E402
+from _common import fastest_alternating, full_fp32, header  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -31,7 +31,8 @@ from clicktrain.runtime.pattern_conv import LayerRunner, PatternConv2d  # noqa: 
 
 
 def kind_times(runner, inp, weight, dout, xpad, repeats):
-    """((dense fwd, dgrad, wgrad), (generated fwd, dgrad, wgrad)) seconds, each pair timed in turn."""
+    """((dense fwd, dgrad, wgrad), (generated fwd, dgrad, wgrad), (dense in full float32, or
+    None off CUDA)) seconds, the contenders of each kind timed in turn."""
     g = runner.geometry
     stride, padding, dilation = list(g.stride), list(g.padding), list(g.dilation)
 
@@ -42,8 +43,11 @@ def kind_times(runner, inp, weight, dout, xpad, repeats):
               lambda: runner.forward(inp, weight, None)),
              (dense_bwd([True, False, False]), lambda: runner.grad_input(dout, weight)),
              (dense_bwd([False, True, False]), lambda: runner.grad_weight(dout, inp, xpad, weight))]
-    best = [fastest_alternating({"dense": d, "ours": o}, repeats) for d, o in pairs]
-    return tuple(b["dense"] for b in best), tuple(b["ours"] for b in best)
+    cuda = inp.is_cuda
+    best = [fastest_alternating({"dense": d, "ours": o, **({"fp32": full_fp32(d)} if cuda else {})}, repeats)
+            for d, o in pairs]
+    return (tuple(b["dense"] for b in best), tuple(b["ours"] for b in best),
+            tuple(b["fp32"] for b in best) if cuda else None)
 
 
 def layer_rows(model_name, size, batch, connectivity, repeats, target="llvm", compile_only=False, width=1.0,
@@ -73,9 +77,9 @@ def layer_rows(model_name, size, batch, connectivity, repeats, target="llvm", co
         g = runner.geometry
         out, xpad = runner.forward(inp, weight, None)
         dout = torch.randn_like(out)
-        dense, ours = kind_times(runner, inp, weight, dout, xpad, repeats)
+        dense, ours, fp32 = kind_times(runner, inp, weight, dout, xpad, repeats)
         rows.append((f"{model_name}@{size}", module.site_name, f"{g.in_channels}->{g.out_channels} {h}x{w_} s{g.stride[0]}",
-                     dense, ours))
+                     dense, ours, fp32))
     return rows
 
 
@@ -105,24 +109,34 @@ def main() -> None:
     print(header(threads, args.target))
     print(f"batch {args.batch}, width {args.width}, {args.in_channels} input channels, pattern block "
           f"{args.pattern_block}; ratio = torch dense time / generated time (>1: generated is faster)")
+    cuda = args.target == "cuda"
+    if cuda:
+        print("dense = cuDNN as torch runs it by default (TF32 tensor cores allowed); 'fp32' = the total against "
+              "cuDNN in full float32, the arithmetic of the generated kernels")
     for connectivity in args.connectivity:
         density = 4 / 9 * (1 - connectivity)
         dropped = f", {connectivity:.0%} of kernels dropped" if connectivity else ""
         print(f"\n== density {density:.3f} (4 of 9 weights{dropped}) ==")
-        print(f"{'model':<12} {'conv':<18} {'shape':<20} {'fwd':>6} {'dgrad':>6} {'wgrad':>6} {'total':>6}   dense ms / ours ms")
-        totals = []
+        print(f"{'model':<12} {'conv':<18} {'shape':<20} {'fwd':>6} {'dgrad':>6} {'wgrad':>6} {'total':>6}"
+              f"{'  fp32' if cuda else ''}   dense ms / ours ms")
+        totals, fp32_totals = [], []
         for model_name in args.models:
             for size in args.sizes:
-                for model, conv, shape, dense, ours in layer_rows(model_name, size, args.batch, connectivity,
+                for model, conv, shape, dense, ours, fp32 in layer_rows(model_name, size, args.batch, connectivity,
                                                                   args.repeats, args.target, width=args.width,
                                                                   in_channels=args.in_channels,
                                                                   pattern_block=args.pattern_block):
                     ratios = [d / o for d, o in zip(dense, ours)]
                     total = sum(dense) / sum(ours)
                     totals.append(total)
+                    fp32_col = ""
+                    if fp32:
+                        fp32_totals.append(sum(fp32) / sum(ours))
+                        fp32_col = f"{fp32_totals[-1]:>6.2f}"
                     print(f"{model:<12} {conv:<18} {shape:<20} {ratios[0]:>6.2f} {ratios[1]:>6.2f} {ratios[2]:>6.2f} "
-                          f"{total:>6.2f}   {sum(dense) * 1e3:.1f} / {sum(ours) * 1e3:.1f}")
-        print(f"median over {len(totals)} layers (fwd+dgrad+wgrad): {statistics.median(totals):.2f}x")
+                          f"{total:>6.2f}{fp32_col}   {sum(dense) * 1e3:.1f} / {sum(ours) * 1e3:.1f}")
+        print(f"median over {len(totals)} layers (fwd+dgrad+wgrad): {statistics.median(totals):.2f}x"
+              + (f"; against full-float32 cuDNN {statistics.median(fp32_totals):.2f}x" if fp32_totals else ""))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from clicktrain.machine import llvm_openmp_env  # noqa: E402
 
 if llvm_openmp_env(os.environ) != dict(os.environ):  # OpenMP reads it when torch loads: restart once
     os.execve(sys.executable, [sys.executable, *sys.argv], llvm_openmp_env(os.environ))
-from _common import header  # noqa: E402
+from _common import full_fp32, header  # noqa: E402
 
 import collections  # noqa: E402
 import statistics  # noqa: E402
@@ -132,9 +132,13 @@ def main() -> None:
     print(header(threads, gen))
     print(f"batch {args.batch}, width {args.width}, {args.in_channels} input channels, pattern block {args.pattern_block}"
           f"{', layer-ramped drop ratios' if args.ramp else ''}; ratio = dense step time / {gen} step time "
-          f"(>1: {gen} is faster); median over {args.repeats} rounds, the three models alternating")
+          f"(>1: {gen} is faster); median over {args.repeats} rounds, the models alternating")
+    cuda = gen == "cuda"
+    if cuda:
+        print("dense = cuDNN as torch runs it by default (TF32 tensor cores allowed); 'fp32' = the same dense step "
+              "with TF32 off, the arithmetic of the generated kernels")
     print(f"{'model':<10} {'input':>6} {'density':>8} {'dense ms':>9} {'torch-masked ms':>16} {gen + ' ms':>8} "
-          f"{gen + ' vs dense':>14}  generated kinds (fwd/dgrad/wgrad) per layer")
+          f"{gen + ' vs dense':>14}{'  fp32 ms  vs fp32' if cuda else ''}  generated kinds (fwd/dgrad/wgrad) per layer")
     for name in args.models:
         for size in args.sizes:
             torch.manual_seed(0)
@@ -148,13 +152,17 @@ def main() -> None:
                          "torch-masked": stepper(hardened(name, x.cpu(), "torch", connectivity, args.ramp, args)
                                                  .to(device), x, y),
                          gen: stepper(generated, x, y)}
+                if cuda:
+                    steps["fp32"] = full_fp32(stepper(dense_model, x, y))
                 times = round_robin(steps, args.repeats, sync=sync)
                 kinds = " ".join("".join("G" if u else "t" for u in mod._use[next(iter(mod._use))].values())
                                  for mod in generated.modules() if isinstance(mod, PatternConv2d) and mod._use)
                 density = ct.pruning_report(generated).conv_density
                 print(f"{name:<10} {size:>6} {density:>8.3f} {times['dense'] * 1e3:>9.1f} "
                       f"{times['torch-masked'] * 1e3:>16.1f} {times[gen] * 1e3:>8.1f} "
-                      f"{times['dense'] / times[gen]:>13.2f}x  {kinds}", flush=True)
+                      f"{times['dense'] / times[gen]:>13.2f}x"
+                      + (f"  {times['fp32'] * 1e3:>7.1f} {times['fp32'] / times[gen]:>7.2f}x" if cuda else "")
+                      + f"  {kinds}", flush=True)
                 if args.profile:
                     print(op_profile({k: steps[k] for k in ("dense", gen)}))
     print("G = generated kernel, t = torch dense conv on the masked weight (measured faster for that layer)")
