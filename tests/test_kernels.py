@@ -65,10 +65,15 @@ GRID = [
     (2, 8, 16, 8, 8, 2, 1, 1, 0.25, True),      # stride 2, all chwn (4x4 out, 8x8 in)
     (20, 8, 8, 1, 1, 1, 1, 1, 0.0, True),       # a one-pixel map (its copies one pixel wide)
     (2, 8, 12, 2, 2, 2, 1, 1, 0.0, False),      # stride 2 down to one pixel
+    (3, 128, 16, 2, 3, 1, 1, 1, 0.3, True),     # many channels, tiny map: CUDA splits forward's runs in 4
+    (3, 96, 128, 3, 3, 1, 1, 1, 0.5, False),    # CUDA splits forward's runs in 2, grad-input's in 4
 ]
 
 
-@pytest.mark.parametrize("case", GRID, ids=[f"n{c[0]}c{c[1]}o{c[2]}_{c[3]}x{c[4]}_s{c[5]}p{c[6]}d{c[7]}_c{c[8]}" for c in GRID])
+GRID_IDS = [f"n{c[0]}c{c[1]}o{c[2]}_{c[3]}x{c[4]}_s{c[5]}p{c[6]}d{c[7]}_c{c[8]}" for c in GRID]
+
+
+@pytest.mark.parametrize("case", GRID, ids=GRID_IDS)
 def test_forward_and_gradients_match_masked_dense_conv(case):
     check_against_masked_dense_conv(case)
 
@@ -606,6 +611,31 @@ def test_cuda_grad_weight_reduces_across_threads():
     assert 'thread_binding(128, thread="threadIdx.x")' in source
     steps = [line.strip() for line in source.splitlines() if line.strip().startswith("if tx <")]
     assert steps == [f"if tx < {h}:" for h in (64, 32, 16, 8, 4, 2, 1)] + ["if tx < 4 and j < kk:"]
+
+
+def test_cuda_direct_conv_splits_long_runs_of_small_maps():
+    """Where a CUDA direct conv's grid would be small (few pixels, batch 64) and its rows'
+    runs long (many source channels), S threads share each work item, each summing every S-th
+    kept kernel, and the item's first thread adds the S partial sums from shared memory (a
+    barrier between). Large maps and narrow layers keep one thread per item."""
+    from clicktrain.codegen.templates import cuda_kernel_slices
+    slices = {shape: cuda_kernel_slices(planned(*shape, 1, "cuda")[0].forward)
+              for shape in [(512, 512, 2), (512, 512, 4), (256, 256, 8), (64, 64, 8), (16, 16, 32), (64, 128, 16)]}
+    assert slices == {(512, 512, 2): 8, (512, 512, 4): 4, (256, 256, 8): 2, (64, 64, 8): 2, (16, 16, 32): 1,
+                      (64, 128, 16): 1}
+    plan, sources = planned(128, 96, 3, 1, "cuda")
+    assert (cuda_kernel_slices(plan.forward), cuda_kernel_slices(plan.grad_input)) == (4, 2)
+    forward = sources[plan.forward.name]
+    item = "(blk // 96 * 32 + tx % 32)"
+    assert 'red = T.alloc_buffer((4, 4, 32), "float32", scope="shared")' in forward
+    assert f"for blk in T.thread_binding(((n + 3) // 4 * 9 + 31) // 32 * 96" in forward
+    assert "for i in range((ptr[blk % 96, 1] - ptr[blk % 96, 0] - tx // 32 + 3) // 4):" in forward
+    assert "j = ptr[blk % 96, 0] + tx // 32 + i * 4" in forward
+    assert "red[tx // 32, r, tx % 32] = acc[r]" in forward
+    assert f"if tx < 32 and {item} < (n + 3) // 4 * 9:" in forward
+    assert "= bias[perm[blk % 96]] + red[0, r, tx] + red[1, r, tx] + red[2, r, tx] + red[3, r, tx]" in forward
+    unsplit = planned(16, 16, 32, 1, "cuda")
+    assert "red" not in unsplit[1][unsplit[0].forward.name]
 
 
 def test_direct_conv_stores_the_true_output_size():

@@ -376,40 +376,81 @@ def _clipped_store(s: DirectConvSpec, store, acc) -> list[str]:
 
 CUDA_THREADS = 128      # threads per direct-conv block
 CUDA_IMAGES = 4         # images per direct-conv thread: one weight load feeds this many FMAs
+CUDA_SPLIT_THREADS = 1 << 19  # threads a direct conv aims for at batch 64 when it splits rows' runs
+CUDA_MAX_SPLIT = 8      # slices of a row's kept kernels, at most
+CUDA_MIN_SLICE = 32     # source channels per slice, at least
+
+
+def cuda_kernel_slices(s: DirectConvSpec) -> int:
+    """Threads sharing one work item, each walking every ``S``-th kept kernel of the row's
+    runs. Small maps of many channels (VGG's 512->512 2x2) give few items (batch 64: 16 per
+    pixel) and long runs, so a grid of one thread per item leaves the GPU mostly idle behind
+    each thread's serial chain of dependent loads: split the runs until the grid reaches
+    about ``CUDA_SPLIT_THREADS`` threads, keeping at least ``CUDA_MIN_SLICE`` source channels
+    per slice."""
+    base = -(-64 // CUDA_IMAGES) * s.out_h * s.out_w * s.dst_channels  # threads without a split
+    slices = 1
+    while (slices < CUDA_MAX_SPLIT and base * slices * 2 <= CUDA_SPLIT_THREADS
+           and s.src_channels // (slices * 2) >= CUDA_MIN_SLICE):
+        slices *= 2
+    return slices
 
 
 def direct_conv_cuda(s: DirectConvSpec) -> str:
-    """One block per (output row ``f``, slice of ``CUDA_THREADS`` work items); a work item is
-    one output pixel of ``CUDA_IMAGES`` images, neighbouring threads on neighbouring pixels
-    (coalesced loads). The whole block walks the same runs of ``f``, so there is no
-    divergence, and each kept weight is loaded once per thread for all its images. Images past
-    the batch read the last image (a valid address) and are not stored."""
-    O, T, R = s.dst_channels, CUDA_THREADS, CUDA_IMAGES
+    """One block per (output row ``f``, slice of work items); a work item is one output pixel
+    of ``CUDA_IMAGES`` images, neighbouring threads on neighbouring pixels (coalesced loads).
+    The whole block walks the same runs of ``f``, so there is no divergence, and each kept
+    weight is loaded once per thread for all its images. Images past the batch read the last
+    image (a valid address) and are not stored. Where ``cuda_kernel_slices`` splits the runs
+    into ``S`` slices, ``S`` threads share an item, each summing every ``S``-th kept kernel of
+    each run, and their sums meet in shared memory."""
+    O, T, R, S = s.dst_channels, CUDA_THREADS, CUDA_IMAGES, cuda_kernel_slices(s)
+    items_per_block = T // S
     pixels = s.out_h * s.out_w
     items = f"(n + {R - 1}) // {R} * {pixels}"
     lines = _header(s.name, DIRECT_PARAMS) + _direct_buffers(s)
     init = f"bias[perm[blk % {O}]]" if s.bias else "T.float32(0)"
+    e = f"(blk // {O} * {items_per_block} + tx % {items_per_block})" if S > 1 else f"(blk // {O} * {T} + tx)"
     lines += [
-        f'    for blk in T.thread_binding(({items} + {T - 1}) // {T} * {O}, thread="blockIdx.x"):',
+        f'    for blk in T.thread_binding(({items} + {items_per_block - 1}) // {items_per_block} * {O}, '
+        'thread="blockIdx.x"):',
         f'        for tx in T.thread_binding({T}, thread="threadIdx.x"):',
         f'            acc = T.alloc_buffer(({R},), "float32", scope="local")',
         f'            wk = T.alloc_buffer(({s.k},), "float32", scope="local")',
-        f"            if blk // {O} * {T} + tx < {items}:",
-        f"                for r in T.unroll({R}):",
-        f"                    acc[r] = {init}",
     ]
-    e = f"(blk // {O} * {T} + tx)"
+    if S > 1:
+        lines += [f'            red = T.alloc_buffer(({S}, {R}, {items_per_block}), "float32", scope="shared")']
+    lines += [f"            for r in T.unroll({R}):",
+              f"                acc[r] = {init if S == 1 else 'T.float32(0)'}",
+              f"            if {e} < {items}:"]
     image = f"T.min({e} // {pixels} * {R} + r, n - 1)"
     y, x = f"{e} % {pixels} // {s.out_w}", f"{e} % {s.out_w}"
     for p in range(len(s.offsets)):
-        lines += [f"                for j in range(ptr[blk % {O}, {p}], ptr[blk % {O}, {p + 1}]):",
-                  f"                    for t in T.unroll({s.k}):",
+        run = f"ptr[blk % {O}, {p}]", f"ptr[blk % {O}, {p + 1}]"
+        if S == 1:
+            lines += [f"                for j in range({run[0]}, {run[1]}):"]
+        else:  # this thread's kernels of the run: every S-th from its slice's
+            sl = f"tx // {items_per_block}"
+            lines += [f"                for i in range(({run[1]} - {run[0]} - {sl} + {S - 1}) // {S}):",
+                      f"                    j = {run[0]} + {sl} + i * {S}"]
+        lines += [f"                    for t in T.unroll({s.k}):",
                   "                        wk[t] = w[widx[j, t]]",
                   f"                    for r in T.unroll({R}):",
                   "                        " + _fma_chain("acc[r]", s, p, image, y, x, weight="wk[{t}]")]
-    lines += [f"                for r in T.unroll({R}):",
-              f"                    if {e} // {pixels} * {R} + r < n:",
-              f"                        out[{e} // {pixels} * {R} + r, perm[blk % {O}], {y}, {x}] = acc[r]"]
+    valid = f"{e} // {pixels} * {R} + r < n"
+    store = f"out[{e} // {pixels} * {R} + r, perm[blk % {O}], {y}, {x}]"
+    if S == 1:
+        return "\n".join(lines + [f"                for r in T.unroll({R}):", f"                    if {valid}:",
+                                  f"                        {store} = acc[r]"]) + "\n"
+    # every thread writes its partial sums (zeros past the items) before the barrier TVM puts
+    # between these writes and the reads of the item's first thread
+    total = " + ".join(f"red[{q}, r, tx]" for q in range(S))
+    lines += [f"            for r in T.unroll({R}):",
+              f"                red[tx // {items_per_block}, r, tx % {items_per_block}] = acc[r]",
+              f"            if tx < {items_per_block} and {e} < {items}:",
+              f"                for r in T.unroll({R}):",
+              f"                    if {valid}:",
+              f"                        {store} = {init} + {total}"]
     return "\n".join(lines) + "\n"
 
 
