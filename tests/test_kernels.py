@@ -67,6 +67,7 @@ GRID = [
     (2, 8, 12, 2, 2, 2, 1, 1, 0.0, False),      # stride 2 down to one pixel
     (3, 128, 16, 2, 3, 1, 1, 1, 0.3, True),     # many channels, tiny map: CUDA splits forward's runs in 4
     (3, 96, 128, 3, 3, 1, 1, 1, 0.5, False),    # CUDA splits forward's runs in 2, grad-input's in 4
+    (2, 64, 72, 14, 13, 1, 1, 1, 0.2, True),    # rows narrower than a vector, 48+ kept kernels a row: chwn
 ]
 
 
@@ -611,6 +612,30 @@ def test_cuda_grad_weight_reduces_across_threads():
     assert 'thread_binding(128, thread="threadIdx.x")' in source
     steps = [line.strip() for line in source.splitlines() if line.strip().startswith("if tx <")]
     assert steps == [f"if tx < {h}:" for h in (64, 32, 16, 8, 4, 2, 1)] + ["if tx < 4 and j < kk:"]
+
+
+def test_narrow_rows_of_many_kernels_take_chwn_per_kernel():
+    """Rows narrower than a vector (14 of 16 lanes) take the batch-in-lanes layout where each
+    row has its own kernels and keeps 48+ of them on average; nchw keeps rows of fewer kept
+    kernels, rows that fill vectors, and rows in groups of equal patterns (they share loads
+    in nchw). A layer's kept kernels come from its pattern ids (dropped kernels: -1)."""
+    from clicktrain.codegen.kernels import ConvGeometry, choose_layouts
+
+    def layouts(c, o, hw, groups=(1, 1), lanes=16, kept=None):
+        return choose_layouts(ConvGeometry(c, o, hw, hw, (1, 1), (1, 1), (1, 1)), lanes, False, groups, kept)[:2]
+    assert layouts(64, 128, 14) == ("chwn", "chwn")
+    assert layouts(32, 128, 14) == ("nchw", "chwn")      # a filter keeps 32 kernels, an input channel 128
+    assert layouts(64, 128, 14, kept=(32.0, 64.0)) == ("nchw", "chwn")  # half of them dropped
+    assert layouts(64, 128, 14, groups=(4, 4)) == ("nchw", "nchw")
+    assert layouts(64, 128, 16) == ("nchw", "nchw")      # a row fills the vector
+    assert layouts(64, 128, 14, lanes=8) == ("nchw", "nchw")  # AVX2: 14 is wider than a vector
+    assert layouts(16, 16, 7) == ("chwn", "chwn")        # small maps: chwn whatever the kernels
+    plan, _ = planned(64, 128, 14, 1, "llvm")
+    assert (plan.forward.layout, plan.grad_input.layout) == ("chwn", "chwn")
+    conv, masked_w, _ = hardened_conv(128, 64, 1, 1, 1, connectivity=0.5)
+    assert conv._rows()[1] == (32.0, 64.0)
+    kernels = conv.kernels_for((14, 14), masked_w.shape)
+    assert (kernels.plan.forward.layout, kernels.plan.grad_input.layout) == ("nchw", "chwn")
 
 
 def test_cuda_direct_conv_splits_long_runs_of_small_maps():

@@ -110,10 +110,12 @@ def choose_rows(lanes: int, simd_lanes: int) -> int:
 
 CHWN_ACCUMULATORS = 16  # vector registers the chwn tile may hold (AVX-512 has 32, AVX2 16)
 CHWN_DIRECT_MAX_WIDTH = 8  # forward / grad-input: chwn up to this output row width
+CHWN_NARROW_ROW_KERNELS = 48  # ... and, per kernel, on any row narrower than a vector with this many kept kernels
 CHWN_GRAD_WEIGHT_WIDTH = 4  # grad-weight: chwn up to this width even where nchw would not pad
 
 
-def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool) -> tuple[str, str, str]:
+def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool, row_groups: tuple[int, int] = (1, 1),
+                   row_kernels: tuple[float, float] | None = None) -> tuple[str, str, str]:
     """Layout of (forward, grad-input, grad-weight). ``chwn`` puts the batch in the vector
     lanes. Measured on AVX-512 (docs/performance.md, ``benchmarks/tile_variants.py``):
     forward and grad-input take it on rows of <= 8 (``--vary direct``, session 5, in one
@@ -124,12 +126,27 @@ def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool) -> tuple[str
     kernels) takes it on rows up to half a vector that nchw would pad, or of <= 4
     (``--vary layout``, session 5, since its lanes meet in a tree: 2x2 1.2-2.0x against 0.4x,
     4x4 0.8-1.5x against 0.5-0.8x, 7x7 0.8-1.6x against 0.6-1.0x); on unpadded 8-wide rows
-    nchw is as fast or faster."""
+    nchw is as fast or faster.
+    Session 8 (``--vary direct`` on 14x14 maps, per kernel, three runs): where each row has its
+    own kernels (``row_groups`` 1) and keeps ``CHWN_NARROW_ROW_KERNELS`` or more of them on
+    average (``row_kernels``: forward's rows, grad-input's; default all source channels), chwn
+    also wins on rows narrower than a vector, which nchw pads (14 of 16 lanes): 64->128,
+    64->64 and 128->128 14x14 forward 1.09-1.42x against 0.97-1.15x, grad-input 1.17-1.39x
+    against 0.90-1.09x; 32->32 (32 kernels a row) even. With half the kernels dropped,
+    128->128 (64 a row) still won in four runs of four, 64->64 (32) was even and 64->128 (32)
+    lost three of four: the copies into and out of chwn cost the same, the kernel less.
+    Grouped rows share their input loads in nchw, which then stays ahead (4x4 blocks, one
+    run: nchw forward 1.41-2.17x against chwn 1.31-1.61x, grad-input about even)."""
     if cuda:
         return "nchw", "nchw", "nchw"
+
+    def direct(width: int, kernels: float, group: int) -> str:
+        narrow_row = group == 1 and width < simd_lanes and kernels >= CHWN_NARROW_ROW_KERNELS
+        return "chwn" if width <= CHWN_DIRECT_MAX_WIDTH or narrow_row else "nchw"
+    kernels_f, kernels_g = row_kernels or (geom.in_channels, geom.out_channels)
     row_padded = _round_up(geom.out_w, choose_lanes(geom.out_w, simd_lanes)) != geom.out_w
-    return ("chwn" if geom.out_w <= CHWN_DIRECT_MAX_WIDTH else "nchw",
-            "chwn" if geom.in_w <= CHWN_DIRECT_MAX_WIDTH else "nchw",
+    return (direct(geom.out_w, kernels_f, row_groups[0]),
+            direct(geom.in_w, kernels_g, row_groups[1]),
             "chwn" if geom.out_w <= simd_lanes // 2 and (row_padded or geom.out_w <= CHWN_GRAD_WEIGHT_WIDTH)
             else "nchw")
 
@@ -341,14 +358,16 @@ def plan_grad_input_phases(geom: ConvGeometry, library: torch.Tensor, target: Ke
 
 
 def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget,
-                 row_groups: tuple[int, int] = (1, 1)) -> KernelPlan:
+                 row_groups: tuple[int, int] = (1, 1), row_kernels: tuple[float, float] | None = None) -> KernelPlan:
     """``row_groups``: (filters, input channels) that come in groups of equal pattern ids
-    (``row_group_of`` of the ids and of their transpose); 1 where kernels have their own."""
+    (``row_group_of`` of the ids and of their transpose); 1 where kernels have their own.
+    ``row_kernels``: the kept kernels of a filter and of an input channel, on average
+    (``choose_layouts``; default: none dropped)."""
     (sh, sw), (dh, dw) = geom.stride, geom.dilation
     fwd_offsets = tuple(tuple((dy * dh, dx * dw) for dy, dx in pattern_offsets(p)) for p in library)
     flipped = tuple(tuple(((2 - dy) * dh, (2 - dx) * dw) for dy, dx in pattern_offsets(p)) for p in library)
     cuda = target.name == "cuda"
-    fwd_layout, gi_layout, gw_layout = choose_layouts(geom, target.simd_lanes, cuda)
+    fwd_layout, gi_layout, gw_layout = choose_layouts(geom, target.simd_lanes, cuda, row_groups, row_kernels)
     group_f, rows_f, lanes_f, oh, ow = _tile(fwd_layout, geom.out_h, geom.out_w, target, cuda, row_groups[0])
     group_g, rows_g, lanes_g, ih, iw = _tile(gi_layout, geom.in_h, geom.in_w, target, cuda, row_groups[1])
     fwd_in = ((oh - 1) * sh + 2 * dh + 1, (ow - 1) * sw + 2 * dw + 1)
@@ -492,8 +511,8 @@ class LayerKernels:
 
     @classmethod
     def build(cls, geom: ConvGeometry, library: torch.Tensor, target: KernelTarget,
-              row_groups: tuple[int, int] = (1, 1)) -> "LayerKernels":
-        plan = plan_kernels(geom, library, target, row_groups)
+              row_groups: tuple[int, int] = (1, 1), row_kernels: tuple[float, float] | None = None) -> "LayerKernels":
+        plan = plan_kernels(geom, library, target, row_groups, row_kernels)
         sources = kernel_sources(plan, target)
         kernels = cls(plan, target, sources)
         runnable = target.name != "cuda" or cuda_available()

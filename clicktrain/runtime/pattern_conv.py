@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TargetError
+from ..patterns import DROPPED
 from .masks import PatternMask, Phase
 
 
@@ -270,25 +271,43 @@ class PatternConv2d(nn.Module):
         state["_kernels"], state["_index"], state["_use"], state["_groups"] = {}, None, {}, None
         return state
 
-    def row_groups(self) -> tuple[int, int]:
-        """(filters, input channels) in groups of equal pattern ids (a ``pattern_block``
-        granularity): the rows the generated forward and grad-input tiles share."""
+    def _rows(self) -> tuple[tuple[int, int], tuple[float, float]]:
+        """((filters, input channels) in groups of equal pattern ids, kept kernels of a filter
+        and of an input channel on average), from the current pattern ids."""
         from ..codegen.kernels import MAX_ROW_GROUP
         from ..passes.reorder import row_group_of
         key = self._mask.state_key()
         if self._groups is None or self._groups[0] != key:
             ids = self._mask.pattern_ids.cpu()
-            self._groups = (key, (row_group_of(ids, MAX_ROW_GROUP), row_group_of(ids.t(), MAX_ROW_GROUP)))
+            kept = (ids != DROPPED).float()
+            self._groups = (key, ((row_group_of(ids, MAX_ROW_GROUP), row_group_of(ids.t(), MAX_ROW_GROUP)),
+                                  (float(kept.sum(1).mean()), float(kept.sum(0).mean()))))
         return self._groups[1]
 
-    def kernels_for(self, in_hw: tuple[int, int], weight_shape):
-        from ..codegen.kernels import ConvGeometry, LayerKernels
+    def row_groups(self) -> tuple[int, int]:
+        """(filters, input channels) in groups of equal pattern ids (a ``pattern_block``
+        granularity): the rows the generated forward and grad-input tiles share."""
+        return self._rows()[0]
+
+    def _kernels_key(self, in_hw: tuple[int, int], weight_shape):
+        """(key of the kernels for this input size and the current patterns, geometry, target)."""
+        from ..codegen.kernels import ConvGeometry, choose_layouts
         from ..codegen.target import resolve_target
-        groups = self.row_groups()
-        key = (tuple(in_hw), groups)
+        (groups, row_kernels), target = self._rows(), resolve_target(self.target)
+        geom = ConvGeometry.of(weight_shape, in_hw, self.stride, self.padding, self.dilation)
+        # the kept kernels per row matter only through the layouts they choose
+        layouts = choose_layouts(geom, target.simd_lanes, target.name == "cuda", groups, row_kernels)
+        return (tuple(in_hw), groups, layouts), geom, target
+
+    def has_kernels_for(self, in_hw: tuple[int, int], weight_shape) -> bool:
+        return self._kernels_key(in_hw, weight_shape)[0] in self._kernels
+
+    def kernels_for(self, in_hw: tuple[int, int], weight_shape):
+        from ..codegen.kernels import LayerKernels
+        key, geom, target = self._kernels_key(in_hw, weight_shape)
         if key not in self._kernels:
-            geom = ConvGeometry.of(weight_shape, in_hw, self.stride, self.padding, self.dilation)
-            kernels = LayerKernels.build(geom, self._mask.library.cpu(), resolve_target(self.target), groups)
+            groups, row_kernels = self._rows()
+            kernels = LayerKernels.build(geom, self._mask.library.cpu(), target, groups, row_kernels)
             self.compile_seconds += kernels.compile_seconds
             self._kernels[key] = kernels
         return self._kernels[key]
