@@ -77,9 +77,9 @@ def runner_with(vary: str, value: str, weight, library, ids, hw, target, row_gro
     elif vary == "rows":
         K.choose_rows = lambda lanes, simd: int(value)
     elif vary == "direct":  # forward and grad-input layout
-        K.choose_layouts = lambda g, simd, cuda, groups=(1, 1): (value, value, saved[2](g, simd, cuda, groups)[2])
+        K.choose_layouts = lambda g, simd, cuda, *rows: (value, value, saved[2](g, simd, cuda, *rows)[2])
     elif vary == "layout":
-        K.choose_layouts = lambda g, simd, cuda, groups=(1, 1): (*saved[2](g, simd, cuda, groups)[:2], value)
+        K.choose_layouts = lambda g, simd, cuda, *rows: (*saved[2](g, simd, cuda, *rows)[:2], value)
     elif vary == "slice":  # on: sliced whatever the layer's kernel count
         K.GRAD_WEIGHT_SLICE_KERNELS, K.GRAD_WEIGHT_SLICE_BYTES = (0, saved[5]) if value == "on" else (saved[4], 0)
     try:

@@ -112,6 +112,7 @@ CHWN_ACCUMULATORS = 16  # vector registers the chwn tile may hold (AVX-512 has 3
 CHWN_DIRECT_MAX_WIDTH = 8  # forward / grad-input: chwn up to this output row width
 CHWN_NARROW_ROW_KERNELS = 48  # ... and, per kernel, on any row narrower than a vector with this many kept kernels
 CHWN_GRAD_WEIGHT_WIDTH = 4  # grad-weight: chwn up to this width even where nchw would not pad
+CHWN_GRAD_WEIGHT_PADDED = True  # grad-weight: chwn also on rows of 9 to a vector's width less one that nchw pads
 
 
 def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool, row_groups: tuple[int, int] = (1, 1),
@@ -136,7 +137,15 @@ def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool, row_groups: 
     128->128 (64 a row) still won in four runs of four, 64->64 (32) was even and 64->128 (32)
     lost three of four: the copies into and out of chwn cost the same, the kernel less.
     Grouped rows share their input loads in nchw, which then stays ahead (4x4 blocks, one
-    run: nchw forward 1.41-2.17x against chwn 1.31-1.61x, grad-input about even)."""
+    run: nchw forward 1.41-2.17x against chwn 1.31-1.61x, grad-input about even).
+    Grad-weight also takes chwn on padded rows wider than 8 and narrower than a vector
+    (``CHWN_GRAD_WEIGHT_PADDED``; session 8, ``--vary layout``, 14x14, copies included):
+    per kernel 32->32, 64->128 and 128->128 1.42-1.85x against 1.28-1.46x at 4/9 (two runs),
+    1.85-2.79x against 1.82-2.38x at 0.222, with 4x4 blocks 1.56-2.46x against 1.44-2.62x.
+    On 28-wide rows (32 lanes) chwn won at 4/9 and lost with half the kernels dropped. Strided
+    layers keep nchw, which reads the forward's column phases without a copy of its own
+    (28x28 stride 2 to 14-wide rows, in one process: chwn 0.82-1.44x against 0.68-1.65x,
+    either way by up to a third)."""
     if cuda:
         return "nchw", "nchw", "nchw"
 
@@ -145,10 +154,12 @@ def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool, row_groups: 
         return "chwn" if width <= CHWN_DIRECT_MAX_WIDTH or narrow_row else "nchw"
     kernels_f, kernels_g = row_kernels or (geom.in_channels, geom.out_channels)
     row_padded = _round_up(geom.out_w, choose_lanes(geom.out_w, simd_lanes)) != geom.out_w
+    narrow_padded = (CHWN_GRAD_WEIGHT_PADDED and row_padded and CHWN_DIRECT_MAX_WIDTH < geom.out_w < simd_lanes
+                     and geom.stride == (1, 1))
     return (direct(geom.out_w, kernels_f, row_groups[0]),
             direct(geom.in_w, kernels_g, row_groups[1]),
             "chwn" if geom.out_w <= simd_lanes // 2 and (row_padded or geom.out_w <= CHWN_GRAD_WEIGHT_WIDTH)
-            else "nchw")
+            or narrow_padded else "nchw")
 
 
 def choose_chwn_rows(height: int, width: int, group: int = 1) -> int:
