@@ -140,8 +140,9 @@ def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool, row_groups: 
     run: nchw forward 1.41-2.17x against chwn 1.31-1.61x, grad-input about even).
     Grad-weight also takes chwn on padded rows wider than 8 and narrower than a vector
     (``CHWN_GRAD_WEIGHT_PADDED``; session 8, ``--vary layout``, 14x14, copies included):
-    per kernel 32->32, 64->128 and 128->128 1.42-1.85x against 1.28-1.46x at 4/9 (two runs),
-    1.85-2.79x against 1.82-2.38x at 0.222, with 4x4 blocks 1.56-2.46x against 1.44-2.62x.
+    per kernel 32->32, 64->64, 64->128 and 128->128 1.34-1.85x against 1.12-1.46x at 4/9
+    (three runs), 1.65-3.02x against 1.77-2.38x at 0.222, with 4x4 blocks 1.47-2.46x against
+    1.37-2.62x.
     On 28-wide rows (32 lanes) chwn won at 4/9 and lost with half the kernels dropped. Strided
     layers keep nchw, which reads the forward's column phases without a copy of its own
     (28x28 stride 2 to 14-wide rows, in one process: chwn 0.82-1.44x against 0.68-1.65x,
