@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import re
 import subprocess
 import tempfile
@@ -122,10 +123,10 @@ def _build(cpp: str):
     _BUILD_DIR.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(cpp.encode()).hexdigest()[:24]
     library = _BUILD_DIR / f"{digest}.so"
-    if not library.is_file():
-        source = _BUILD_DIR / f"{digest}.cpp"
+    if not library.is_file():  # built under this process's own names, then renamed: runs may overlap
+        source = _BUILD_DIR / f"{digest}.{os.getpid()}.cpp"
         source.write_text(cpp)
-        partial = library.with_suffix(".partial")
+        partial = library.with_suffix(f".{os.getpid()}.partial")
         subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", str(source), "-o",
                         str(partial)], check=True)
         partial.rename(library)

@@ -68,7 +68,7 @@ GRID = [
     (3, 128, 16, 2, 3, 1, 1, 1, 0.3, True),     # many channels, tiny map: CUDA splits forward's runs in 4
     (3, 96, 128, 3, 3, 1, 1, 1, 0.5, False),    # CUDA splits forward's runs in 2, grad-input's in 4
     (2, 64, 72, 14, 13, 1, 1, 1, 0.2, True),    # rows narrower than a vector, 48+ kept kernels a row: chwn
-    (2, 16, 32, 14, 14, 1, 1, 1, 0.0, False),   # 14-wide rows, 16 kernels a row: grad-weight chwn, the rest nchw
+    (2, 32, 16, 14, 14, 1, 1, 1, 0.0, False),   # 14-wide rows, 32 kernels a filter: grad-weight chwn, the rest nchw
 ]
 
 
@@ -537,9 +537,9 @@ def test_compile_cache_reuses_kernels(tmp_path, monkeypatch):
     x = torch.randn(2, 8, 9, 9)
     conv(x, masked_w, None)
     copies = {spec.name for spec in conv.kernels_for((9, 9), (8, 8, 3, 3)).plan.relayouts.values()}
-    # padded input and padded output gradient are one copy here (8 channels either way, the same
-    # frame); grad-weight reads 9-wide rows batch-in-lanes: its input and output gradient are two more
-    assert len(copies) == 3
+    # padded input (grad-weight shares it) and padded output gradient are one copy here (8 channels
+    # either way, the same frame); grad-weight's output gradient is another
+    assert len(copies) == 2
     built = 3 + len(copies)
     assert conv.compile_seconds > 0 and len(list(tmp_path.glob("*.so"))) == built
     # a fresh process would load from disk: simulate by forgetting the in-memory modules
@@ -642,16 +642,19 @@ def test_narrow_rows_of_many_kernels_take_chwn_per_kernel():
 def test_grad_weight_takes_chwn_on_padded_rows_narrower_than_a_vector():
     """nchw pads a 14-wide row to 16 lanes; grad-weight reads it batch-in-lanes instead, as it
     does rows up to half a vector. Rows that fill vectors stay nchw, 28-wide ones too (32
-    lanes, measured mixed), strided layers too, and on AVX2 (8 lanes) nothing changes."""
+    lanes, measured mixed), strided layers too, and layers whose filters keep fewer than 24
+    kernels (the copies cost more than they save); on AVX2 (8 lanes) nothing changes."""
     from clicktrain.codegen.kernels import ConvGeometry, choose_layouts
 
     def layout(hw, lanes=16):
-        return choose_layouts(ConvGeometry(16, 16, hw, hw, (1, 1), (1, 1), (1, 1)), lanes, False)[2]
+        return choose_layouts(ConvGeometry(32, 32, hw, hw, (1, 1), (1, 1), (1, 1)), lanes, False)[2]
     assert [layout(hw) for hw in (4, 7, 8, 13, 14, 16, 28, 32)] == \
         ["chwn", "chwn", "nchw", "chwn", "chwn", "nchw", "nchw", "nchw"]
     assert [layout(hw, lanes=8) for hw in (4, 7, 8, 14)] == ["chwn", "nchw", "nchw", "nchw"]
     strided = ConvGeometry(16, 16, 28, 28, (2, 2), (1, 1), (1, 1))  # 14-wide output rows
     assert choose_layouts(strided, 16, False)[2] == "nchw"  # reads the forward's column phases
+    sparse = ConvGeometry(32, 32, 14, 14, (1, 1), (1, 1), (1, 1))
+    assert [choose_layouts(sparse, 16, False, (1, 1), (kept, kept))[2] for kept in (32.0, 16.0)] == ["chwn", "nchw"]
 
 
 def test_cuda_direct_conv_splits_long_runs_of_small_maps():

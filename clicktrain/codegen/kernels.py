@@ -112,7 +112,8 @@ CHWN_ACCUMULATORS = 16  # vector registers the chwn tile may hold (AVX-512 has 3
 CHWN_DIRECT_MAX_WIDTH = 8  # forward / grad-input: chwn up to this output row width
 CHWN_NARROW_ROW_KERNELS = 48  # ... and, per kernel, on any row narrower than a vector with this many kept kernels
 CHWN_GRAD_WEIGHT_WIDTH = 4  # grad-weight: chwn up to this width even where nchw would not pad
-CHWN_GRAD_WEIGHT_PADDED = True  # grad-weight: chwn also on rows of 9 to a vector's width less one that nchw pads
+CHWN_GRAD_WEIGHT_PADDED = True  # grad-weight: chwn also on rows of 9 to a vector's width less one that nchw pads,
+CHWN_GRAD_WEIGHT_PADDED_KERNELS = 24  # ... where filters keep this many kernels on average
 
 
 def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool, row_groups: tuple[int, int] = (1, 1),
@@ -142,7 +143,9 @@ def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool, row_groups: 
     (``CHWN_GRAD_WEIGHT_PADDED``; session 8, ``--vary layout``, 14x14, copies included):
     per kernel 32->32, 64->64, 64->128 and 128->128 1.34-1.85x against 1.12-1.46x at 4/9
     (three runs), 1.65-3.02x against 1.77-2.38x at 0.222, with 4x4 blocks 1.47-2.46x against
-    1.37-2.62x.
+    1.37-2.62x. Where filters keep fewer than ``CHWN_GRAD_WEIGHT_PADDED_KERNELS`` kernels, the
+    copies into chwn outweigh it: 32->32 14x14 at 0.222 (16 a filter) read 2.14-2.61x against
+    session 7's 2.47-2.89x with 4x4 blocks, 1.92-2.19x against 1.95-2.31x per kernel.
     On 28-wide rows (32 lanes) chwn won at 4/9 and lost with half the kernels dropped. Strided
     layers keep nchw, which reads the forward's column phases without a copy of its own
     (28x28 stride 2 to 14-wide rows, in one process: chwn 0.82-1.44x against 0.68-1.65x,
@@ -156,7 +159,7 @@ def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool, row_groups: 
     kernels_f, kernels_g = row_kernels or (geom.in_channels, geom.out_channels)
     row_padded = _round_up(geom.out_w, choose_lanes(geom.out_w, simd_lanes)) != geom.out_w
     narrow_padded = (CHWN_GRAD_WEIGHT_PADDED and row_padded and CHWN_DIRECT_MAX_WIDTH < geom.out_w < simd_lanes
-                     and geom.stride == (1, 1))
+                     and geom.stride == (1, 1) and kernels_f >= CHWN_GRAD_WEIGHT_PADDED_KERNELS)
     return (direct(geom.out_w, kernels_f, row_groups[0]),
             direct(geom.in_w, kernels_g, row_groups[1]),
             "chwn" if geom.out_w <= simd_lanes // 2 and (row_padded or geom.out_w <= CHWN_GRAD_WEIGHT_WIDTH)
