@@ -10,7 +10,19 @@
 #
 #     benchmarks/gpu_checks.sh [BUNDLE_DIR]
 #
-# GPU_CHECKS_4X4=1 also runs both benchmarks with 4x4 pattern blocks.
+# GPU_CHECKS_4X4=1 also runs both benchmarks with 4x4 pattern blocks. Making the bundle's
+# cache on a machine without a GPU (an H100 is sm_90; about 4 minutes on 2 cores):
+#
+#     CLICKTRAIN_CUDA_ARCH=sm_90 CLICKTRAIN_CACHE=/tmp/c .venv/bin/python tests/cuda_prebuild.py
+#     CLICKTRAIN_CUDA_ARCH=sm_90 CLICKTRAIN_CACHE=/tmp/c .venv/bin/python benchmarks/kernels.py \
+#         --target cuda --compile-only --pattern-block 4x4      # only where GPU_CHECKS_4X4=1
+#     tar cf - -C /tmp/c . | xz -9e > BUNDLE_DIR/cache.tar.xz   # 129 kernels: about 190 KB
+#
+# The bundle must fit a lent machine's transfer limit (64 MiB with the checkout there): xz's
+# x86 filter takes libtvm_compiler.so to 57.8 MB (59.5 MB without it):
+#
+#     xz -T1 --x86 --lzma2=preset=9e,dict=192MiB -c .venv/lib/python3.*/site-packages/tvm/lib/libtvm_compiler.so \
+#         > BUNDLE_DIR/libtvm_compiler.so.xz
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
