@@ -16,7 +16,7 @@ from clicktrain.codegen.target import resolve_target
 from clicktrain.passes.conv_sites import ConvSite
 from clicktrain.passes.insert_masks import prunable_layers
 from clicktrain.runtime.masks import PatternMask, Phase
-from clicktrain.runtime.pattern_conv import PatternConv2d
+from clicktrain.runtime.pattern_conv import LayerRunner, PatternConv2d
 from clicktrain.runtime.selection import assign_patterns, generate_library
 
 from test_zoo import assert_pattern_invariant
@@ -580,6 +580,18 @@ def test_export_of_an_llvm_model(tmp_path):
     m = pair["llvm"].eval()
     path = ct.export_onnx(m, tmp_path / "m.onnx", x)
     assert path.exists()
+
+
+def test_unaligned_inputs_are_copied_before_tvm_sees_them():
+    """TVM takes only 64-byte aligned buffers (``from_dlpack`` raises otherwise): a view that
+    starts one float into its storage is copied first and gives the same numbers."""
+    conv, masked_w, _ = hardened_conv(16, 8, 1, 1, 1, 0.3)
+    kernels = conv.kernels_for((9, 9), masked_w.shape)
+    runner = LayerRunner(kernels, conv.index_for(torch.device("cpu"), kernels))
+    x = torch.randn(3 * 8 * 81 + 1)[1:].view(3, 8, 9, 9)
+    assert x.data_ptr() % 64 != 0
+    y, _ = runner.forward(x, masked_w, None)
+    torch.testing.assert_close(y, F.conv2d(x, masked_w, None, 1, 1), rtol=1e-4, atol=1e-4)
 
 
 def test_wrong_device_and_dtype_are_clear_errors():
