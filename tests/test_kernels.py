@@ -530,6 +530,30 @@ def test_state_dict_round_trip_on_llvm():
     torch.testing.assert_close(f(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_cached_kernel_that_does_not_load_is_rebuilt_with_a_warning(tmp_path, monkeypatch):
+    """A cache file that exists but does not load (truncated, or built elsewhere) is compiled
+    again -- and said so once, since the time it costs would otherwise go unexplained."""
+    built, broken = tmp_path / "built", tmp_path / "broken"
+    monkeypatch.setenv("CLICKTRAIN_CACHE", str(built))
+    monkeypatch.setattr(kernel_cache, "_loaded", {})
+    monkeypatch.setattr(kernel_cache, "_load_warned", False)
+    conv, masked_w, _ = hardened_conv(8, 8, 1, 1, 1, 0.0, seed=5)
+    conv.kernels_for((6, 6), masked_w.shape)
+    # the same file names in another folder (a library loaded from its path once is not read again)
+    broken.mkdir()
+    for f in built.glob("*.so"):
+        (broken / f.name).write_bytes(b"not a shared library")
+    monkeypatch.setenv("CLICKTRAIN_CACHE", str(broken))
+    monkeypatch.setattr(kernel_cache, "_loaded", {})
+    again, _, _ = hardened_conv(8, 8, 1, 1, 1, 0.0, seed=5)
+    with pytest.warns(RuntimeWarning, match="did not load and is compiled again") as caught:
+        again.kernels_for((6, 6), masked_w.shape)
+    assert len(caught) == 1  # once, however many files
+    assert all(f.stat().st_size > 1000 for f in broken.glob("*.so"))  # each rebuilt over its broken file
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(again(x, masked_w, None), F.conv2d(x, masked_w, None, 1, 1), rtol=1e-4, atol=1e-4)
+
+
 def test_compile_cache_reuses_kernels(tmp_path, monkeypatch):
     monkeypatch.setenv("CLICKTRAIN_CACHE", str(tmp_path))
     monkeypatch.setattr(kernel_cache, "_loaded", {})

@@ -54,6 +54,20 @@ def _ensure_device_runtime(target) -> None:
         pass  # no CUDA driver here: loading a CUDA kernel will say so
 
 
+_load_warned = False
+
+
+def _warn_load_failure(detail: str) -> None:
+    """Once per process: a cached kernel that exists but does not load is compiled again, which
+    costs time that nothing else would show (kernels built on another machine, say)."""
+    global _load_warned
+    if not _load_warned:
+        _load_warned = True
+        import warnings
+        warnings.warn(f"clicktrain: a cached kernel did not load and is compiled again{detail}; "
+                      f"further ones are not reported", RuntimeWarning, stacklevel=3)
+
+
 def compile_cached(name: str, source: str, target, load: bool = True) -> tuple[object, float, bool]:
     """(runtime module, seconds spent compiling or loading, whether it was a cache hit).
 
@@ -97,6 +111,7 @@ def start_compile(name: str, source: str, target, load: bool = True):
             return lambda: (module, seconds, True)
         except Exception as exc:  # noqa: BLE001 - rebuilt below if this TVM can compile
             load_error = f" (loading the cached {path.name} failed first: {type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''})"
+            _warn_load_failure(load_error)
     try:
         prim = tvm.script.from_source(source)
         executable = tvm.compile(prim, target=target.tvm_target)
