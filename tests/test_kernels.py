@@ -58,7 +58,7 @@ GRID = [
     (2, 17, 24, 28, 28, 1, 1, 1, 0.0, False),   # 28-wide rows, 17 channels
     (2, 12, 10, 6, 5, 1, 0, 1, 0.9, True),      # no padding, almost everything dropped
     (4, 32, 32, 7, 7, 1, 1, 1, 0.5, True),      # narrow maps: all three kinds chwn
-    (2, 12, 20, 8, 8, 1, 1, 1, 0.3, True),      # forward and grad-input chwn, grad-weight nchw (its own input copy)
+    (2, 12, 20, 8, 8, 1, 1, 1, 0.3, True),      # all chwn on AVX-512; on AVX2 grad-weight nchw (its own input copy)
     (2, 6, 10, 16, 16, 2, 1, 1, 0.3, True),     # forward chwn (8x8 out), grad-input nchw (16x16)
     (3, 16, 24, 4, 4, 1, 1, 1, 0.5, True),      # tiny maps: all three kinds chwn
     (17, 6, 10, 2, 3, 1, 1, 1, 0.0, False),     # batch not a multiple of the vector width
@@ -69,6 +69,7 @@ GRID = [
     (3, 96, 128, 3, 3, 1, 1, 1, 0.5, False),    # CUDA splits forward's runs in 2, grad-input's in 4
     (2, 64, 72, 14, 13, 1, 1, 1, 0.2, True),    # rows narrower than a vector, 48+ kept kernels a row: chwn
     (2, 32, 16, 14, 14, 1, 1, 1, 0.0, False),   # 14-wide rows, 32 kernels a filter: grad-weight chwn, the rest nchw
+    (2, 64, 16, 28, 28, 2, 1, 1, 0.0, False),   # stride 2 to 14-wide rows: forward chwn, grad-weight nchw (own copy)
 ]
 
 
@@ -339,9 +340,9 @@ def test_grad_weight_blocks_group_kernels_by_channel_and_pattern():
 
 @pytest.mark.parametrize("simd", [8, 16])
 def test_layout_choice_per_kernel_kind(simd):
-    """Expected layouts: batch-in-lanes (chwn) forward/grad-input only on rows of <= 8,
-    grad-weight on rows of <= 4 and on rows up to half a vector that nchw would pad; the grid
-    above covers each mix."""
+    """Expected layouts: batch-in-lanes (chwn) forward/grad-input on rows of <= 8 (wider ones:
+    test_narrow_rows_...), grad-weight on rows up to half a vector (session 8: unpadded
+    8-wide rows too); the grid above covers each mix."""
     from clicktrain.codegen.kernels import ConvGeometry, plan_kernels
     from clicktrain.codegen.target import KernelTarget
     cpu = KernelTarget("llvm", (), "test", simd)
@@ -352,9 +353,10 @@ def test_layout_choice_per_kernel_kind(simd):
         return tuple(spec.layout for spec in (plan.forward, plan.grad_input, plan.grad_weight))
     assert layouts(4, 1) == ("chwn", "chwn", "chwn")
     assert layouts(8, 2) == ("chwn", "chwn", "chwn")
-    assert layouts(16, 2) == ("chwn", "nchw", "nchw")
-    assert layouts(7, 1) == ("chwn", "chwn", "chwn" if simd == 16 else "nchw")
-    assert layouts(8, 1) == ("chwn", "chwn", "nchw")
+    half_vector = "chwn" if simd == 16 else "nchw"
+    assert layouts(16, 2) == ("chwn", "nchw", half_vector)
+    assert layouts(7, 1) == ("chwn", "chwn", half_vector)
+    assert layouts(8, 1) == ("chwn", "chwn", half_vector)
     assert layouts(28, 1) == ("nchw", "nchw", "nchw")
     plan = plan_kernels(ConvGeometry.of((8, 8, 3, 3), (4, 4), 1, 1, 1), library, cpu)
     assert plan.forward.lanes == simd and plan.forward.out_w == 4 and plan.forward.out_h % plan.forward.rows == 0
@@ -677,7 +679,7 @@ def test_narrow_rows_of_many_kernels_take_chwn_per_kernel():
 
 def test_grad_weight_takes_chwn_on_padded_rows_narrower_than_a_vector():
     """nchw pads a 14-wide row to 16 lanes; grad-weight reads it batch-in-lanes instead, as it
-    does rows up to half a vector. Rows that fill vectors stay nchw, 28-wide ones too (32
+    does every row up to half a vector. Rows that fill vectors stay nchw, 28-wide ones too (32
     lanes, measured mixed), strided layers too, and layers whose filters keep fewer than 24
     kernels (the copies cost more than they save); on AVX2 (8 lanes) nothing changes."""
     from clicktrain.codegen.kernels import ConvGeometry, choose_layouts
@@ -685,7 +687,7 @@ def test_grad_weight_takes_chwn_on_padded_rows_narrower_than_a_vector():
     def layout(hw, lanes=16):
         return choose_layouts(ConvGeometry(32, 32, hw, hw, (1, 1), (1, 1), (1, 1)), lanes, False)[2]
     assert [layout(hw) for hw in (4, 7, 8, 13, 14, 16, 28, 32)] == \
-        ["chwn", "chwn", "nchw", "chwn", "chwn", "nchw", "nchw", "nchw"]
+        ["chwn", "chwn", "chwn", "chwn", "chwn", "nchw", "nchw", "nchw"]
     assert [layout(hw, lanes=8) for hw in (4, 7, 8, 14)] == ["chwn", "nchw", "nchw", "nchw"]
     strided = ConvGeometry(16, 16, 28, 28, (2, 2), (1, 1), (1, 1))  # 14-wide output rows
     assert choose_layouts(strided, 16, False)[2] == "nchw"  # reads the forward's column phases

@@ -111,7 +111,7 @@ def choose_rows(lanes: int, simd_lanes: int) -> int:
 CHWN_ACCUMULATORS = 16  # vector registers the chwn tile may hold (AVX-512 has 32, AVX2 16)
 CHWN_DIRECT_MAX_WIDTH = 8  # forward / grad-input: chwn up to this output row width
 CHWN_NARROW_ROW_KERNELS = 48  # ... and, per kernel, on any row narrower than a vector with this many kept kernels
-CHWN_GRAD_WEIGHT_WIDTH = 4  # grad-weight: chwn up to this width even where nchw would not pad
+CHWN_GRAD_WEIGHT_HALF_VECTOR = True  # grad-weight: chwn on every row up to half a vector (False: padded ones or <= 4)
 CHWN_GRAD_WEIGHT_PADDED = True  # grad-weight: chwn also on rows of 9 to a vector's width less one that nchw pads,
 CHWN_GRAD_WEIGHT_PADDED_KERNELS = 24  # ... where filters keep this many kernels on average
 
@@ -125,10 +125,12 @@ def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool, row_groups: 
     grad-input 1.16-1.28x against 0.78-1.0x; 64-channel ones about even; on rows of <= 4 an
     nchw tile fills a quarter of a vector). Before session 5's chwn fixes (per-row
     accumulators, the blocked layout) chwn lost on 7-wide rows. Grad-weight (in blocks of two
-    kernels) takes it on rows up to half a vector that nchw would pad, or of <= 4
-    (``--vary layout``, session 5, since its lanes meet in a tree: 2x2 1.2-2.0x against 0.4x,
-    4x4 0.8-1.5x against 0.5-0.8x, 7x7 0.8-1.6x against 0.6-1.0x); on unpadded 8-wide rows
-    nchw is as fast or faster.
+    kernels) takes it on rows up to half a vector (``--vary layout``, session 5, since its
+    lanes meet in a tree: 2x2 1.2-2.0x against 0.4x, 4x4 0.8-1.5x against 0.5-0.8x, 7x7
+    0.8-1.6x against 0.6-1.0x). On unpadded 8-wide rows nchw was as fast or faster in session
+    5; in session 8, with the forward's chwn input shared, chwn won 15 of 16 comparisons on
+    64->64, 128->256, 256->256 and 32->64 8x8 (per kernel and 4x4 blocks, 4/9 and 0.222:
+    1.69-3.67x against 1.11-3.14x; ``CHWN_GRAD_WEIGHT_HALF_VECTOR``).
     Session 8 (``--vary direct`` on 14x14 maps, per kernel, three runs): where each row has its
     own kernels (``row_groups`` 1) and keeps ``CHWN_NARROW_ROW_KERNELS`` or more of them on
     average (``row_kernels``: forward's rows, grad-input's; default all source channels), chwn
@@ -162,7 +164,7 @@ def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool, row_groups: 
                      and geom.stride == (1, 1) and kernels_f >= CHWN_GRAD_WEIGHT_PADDED_KERNELS)
     return (direct(geom.out_w, kernels_f, row_groups[0]),
             direct(geom.in_w, kernels_g, row_groups[1]),
-            "chwn" if geom.out_w <= simd_lanes // 2 and (row_padded or geom.out_w <= CHWN_GRAD_WEIGHT_WIDTH)
+            "chwn" if geom.out_w <= simd_lanes // 2 and (CHWN_GRAD_WEIGHT_HALF_VECTOR or row_padded or geom.out_w <= 4)
             or narrow_padded else "nchw")
 
 
