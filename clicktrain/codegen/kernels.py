@@ -380,7 +380,7 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     (``row_group_of`` of the ids and of their transpose); 1 where kernels have their own.
     ``row_kernels``: the kept kernels of a filter and of an input channel, on average
     (``choose_layouts``; default: none dropped)."""
-    (sh, sw), (dh, dw) = geom.stride, geom.dilation
+    (sh, sw), (dh, dw), (ph, pw) = geom.stride, geom.dilation, geom.padding
     fwd_offsets = tuple(tuple((dy * dh, dx * dw) for dy, dx in pattern_offsets(p)) for p in library)
     flipped = tuple(tuple(((2 - dy) * dh, (2 - dx) * dw) for dy, dx in pattern_offsets(p)) for p in library)
     cuda = target.name == "cuda"
@@ -411,7 +411,8 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                              phases=sw if fwd_layout == "nchw" and not cuda else 1,
                              channel_block=fwd_blocks[0], filter_block=fwd_blocks[1], batch_inner=fwd_blocks[2],
                              row_group=group_f,
-                             x_tile=chwn_x_tile(ow, row_groups[0]) if fwd_layout == "chwn" else 0)
+                             x_tile=chwn_x_tile(ow, row_groups[0]) if fwd_layout == "chwn" else 0,
+                             valid=(ph, ph + geom.in_h, pw, pw + geom.in_w) if fwd_layout == "chwn" else ())
     grad_input = DirectConvSpec(f"ct_dgrad_{gi_layout}_{gi_tag}", geom.out_channels, geom.in_channels, gi_in[0], gi_in[1],
                                 ih, iw, (1, 1), flipped, rows_g, lanes_g, bias=False, layout=gi_layout,
                                 stored=gi_stored, positions=positions, strides=(9, C9),
@@ -422,7 +423,10 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                                 and geom.in_channels * geom.out_channels * 9 >= GATHER_GRAD_INPUT_WEIGHTS,
                                 channel_block=gi_blocks[0], filter_block=gi_blocks[1], batch_inner=gi_blocks[2],
                                 row_group=group_g,
-                                x_tile=chwn_x_tile(iw, row_groups[1]) if gi_layout == "chwn" else 0)
+                                x_tile=chwn_x_tile(iw, row_groups[1]) if gi_layout == "chwn" else 0,
+                                # stride 1: the output gradient at (2d - p) in its frame, zeros around
+                                valid=(2 * dh - ph, 2 * dh - ph + geom.out_h, 2 * dw - pw, 2 * dw - pw + geom.out_w)
+                                if gi_layout == "chwn" and geom.stride == (1, 1) else ())
     # grad-weight reads the forward's padded input when their layouts agree; otherwise its own copy
     if gw_layout == "chwn":
         gw_lanes, gw_w = target.simd_lanes, geom.out_w

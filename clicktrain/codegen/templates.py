@@ -85,6 +85,9 @@ class DirectConvSpec:
     kept: int = 0
     # chwn: output columns per tile (0: the whole row)
     x_tile: int = 0
+    # chwn: (first row, end row, first column, end column) of the input frame that holds data
+    # (zeros around it): a tile that covers the whole map skips the taps that read only zeros
+    valid: tuple[int, int, int, int] = ()
 
     @property
     def channel_blocks(self) -> int:
@@ -200,10 +203,11 @@ def _weight(s: DirectConvSpec, p: int, t: int, row: str) -> str:
     return f"w[widx[j, {t}]]"
 
 
-def _fma_chain(acc: str, s, p: int, b: str, y: str, x: str, weight: str | None = None, row: str = "") -> str:
+def _fma_chain(acc: str, s, p: int, b: str, y: str, x: str, weight: str | None = None, row: str = "",
+               taps=None) -> str:
     """``acc += sum_t w[j, t] * input at pattern p's offset t`` (``b``: the batch index, or in
     the chwn layout the batch block, lane ``v``; ``weight``: how weight ``t`` is read, default
-    ``_weight`` of output row ``row``)."""
+    ``_weight`` of output row ``row``; ``taps``: the weights to add, default all)."""
     sh, sw = s.stride
 
     def at(dy, dx):
@@ -212,7 +216,7 @@ def _fma_chain(acc: str, s, p: int, b: str, y: str, x: str, weight: str | None =
         pos = f"({y}) * {sh} + {dy}, ({x}) * {sw} + {dx}"
         return f"inp[{b}, src[j], {pos}, v]" if s.layout == "chwn" else f"inp[{b}, src[j], {pos}]"
     terms = [f"{weight.format(t=t) if weight else _weight(s, p, t, row)} * {at(dy, dx)}"
-             for t, (dy, dx) in enumerate(s.offsets[p])]
+             for t, (dy, dx) in enumerate(s.offsets[p]) if taps is None or t in taps]
     return f"{acc} = {acc} + " + " + ".join(terms)
 
 
@@ -267,6 +271,9 @@ def direct_conv_llvm(s: DirectConvSpec) -> str:
         else:
             lines += _clipped_store(s, store, lambda lane, g=g: acc(g, lane))
     return "\n".join(lines) + "\n"
+
+
+SKIP_ZERO_TAPS = True  # chwn tiles that cover the whole map leave out taps on the frame's zero border
 
 
 def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
@@ -329,6 +336,24 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
             return lines + body(indent + 8)
         return lines + [" " * (indent + 8) + f"for xt in range({s.out_w // XW}):"] + body(indent + 12)
 
+    # a tile that is the whole map knows each pixel's position: a tap that reads the frame's
+    # zero border is left out (a 2x2 map keeps 4 of 9 tap positions per pixel, 4x4 about 7)
+    whole_map = SKIP_ZERO_TAPS and bool(s.valid) and s.out_h == R and XW == s.out_w and s.phases == 1
+
+    def skipping_zeros(indent: int, p: int) -> list[str]:
+        (sh, sw), (row0, row1, col0, col1) = s.stride, s.valid
+        lines = []
+        for g in range(G):
+            for r in range(R):
+                for x in range(XW):
+                    taps = [t for t, (dy, dx) in enumerate(s.offsets[p])
+                            if row0 <= r * sh + dy < row1 and col0 <= x * sw + dx < col1]
+                    if taps:
+                        lines += [" " * indent + f"for v in T.vectorized({V}):",
+                                  " " * (indent + 4) + _fma_chain(f"{buffer(g, r)}[{x}, v]", s, p, images, str(r),
+                                                                  str(x), row=f(g), taps=taps)]
+        return lines
+
     def block(cb: str, start: bool):
         """One block of source channels into the tile: from the bias (the only block) or from
         the output so far."""
@@ -337,6 +362,10 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
             for p in range(P):
                 lines.append(" " * indent + f"for j in range(ptr[{f(0)}, {cb} * {P + 1} + {p}], "
                              f"ptr[{f(0)}, {cb} * {P + 1} + {p + 1}]):")
+                if whole_map:  # a pattern all of whose taps read zeros here costs nothing
+                    body_p = skipping_zeros(indent + 4, p)
+                    lines = lines + body_p if body_p else lines[:-1]
+                    continue
                 lines += tile(indent + 4, lambda g, r: _fma_chain(acc(g, r), s, p, images, f"yt * {R} + {r}", column,
                                                                    row=f(g)))
             return lines + tile(indent, lambda g, r: f"{out(g, r)} = {acc(g, r)}")
