@@ -677,6 +677,24 @@ def test_narrow_rows_of_many_kernels_take_chwn_per_kernel():
     assert (kernels.plan.forward.layout, kernels.plan.grad_input.layout) == ("nchw", "chwn")
 
 
+def test_whole_map_chwn_tiles_skip_the_zero_border():
+    """Before: every pixel of a chwn tile took all k taps of its kernels, padding included (on
+    a 2x2 map 5 of 9 tap positions per pixel read zeros). Expected, where the tile is the
+    whole map: each pixel's statement has only the taps inside the data, so a one-pixel map
+    reads the centre tap alone (frame position (1, 1), weight position 4)."""
+    import re
+    plan, sources = planned(8, 8, 1, 1, "llvm")
+    fwd = plan.forward
+    assert fwd.layout == "chwn" and fwd.out_h == fwd.rows == 1 and fwd.valid == (1, 2, 1, 2)
+    source = sources[fwd.name]
+    assert set(re.findall(r"src\[j\], ([^\]]*)\]", source)) == {"(0) * 1 + 1, (0) * 1 + 1, v"}
+    assert set(re.findall(r"src\[j\] \* 9 \+ (\d)\]", source)) == {"4"}
+    two, sources2 = planned(8, 8, 2, 1, "llvm")
+    statements = [line for line in sources2[two.forward.name].splitlines() if "] = acc0[" in line]
+    taps = sum(line.count(" * inp[") for line in statements)
+    assert 0 < taps < 4 * 4 * len(two.forward.offsets)  # fewer than k taps x 4 pixels per pattern
+
+
 def test_grad_weight_takes_chwn_on_padded_rows_narrower_than_a_vector():
     """nchw pads a 14-wide row to 16 lanes; grad-weight reads it batch-in-lanes instead, as it
     does every row up to half a vector. Rows that fill vectors stay nchw, 28-wide ones too (32
