@@ -89,8 +89,8 @@ class EmulatedKernel:
         # TVMScript: handle -> buffer name and shape, and the grid's extent expression
         self.buffers = {handle: (buffer, [d.strip() for d in shape.split(",") if d.strip()])
                         for buffer, handle, shape in _MATCH_BUFFER.findall(tvmscript)}
-        self.handles = re.search(r"def \w+\(([^)]*)\)", tvmscript).group(1)
-        self.handles = [h.split(":")[0].strip() for h in self.handles.split(",")]
+        self.handles = [h.split(":")[0].strip()
+                        for h in re.search(r"def \w+\(([^)]*)\)", tvmscript).group(1).split(",")]
         self.grid = next(expr for expr, axis in _BINDING.findall(tvmscript) if axis == "blockIdx")
         # a shared buffer is a static of the kernel function: one per block, seen by all its threads
         body = re.sub(r"__shared__ (alignas\(\d+\) )?", r"\1static ", source[source.index('extern "C"'):])

@@ -360,14 +360,14 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
         def body(indent: int) -> list[str]:
             lines = tile(indent, lambda g, r: f"{acc(g, r)} = {init(g) if start else out(g, r)}")
             for p in range(P):
-                lines.append(" " * indent + f"for j in range(ptr[{f(0)}, {cb} * {P + 1} + {p}], "
-                             f"ptr[{f(0)}, {cb} * {P + 1} + {p + 1}]):")
-                if whole_map:  # a pattern all of whose taps read zeros here costs nothing
-                    body_p = skipping_zeros(indent + 4, p)
-                    lines = lines + body_p if body_p else lines[:-1]
-                    continue
-                lines += tile(indent + 4, lambda g, r: _fma_chain(acc(g, r), s, p, images, f"yt * {R} + {r}", column,
-                                                                   row=f(g)))
+                if whole_map:
+                    run = skipping_zeros(indent + 4, p)
+                else:
+                    run = tile(indent + 4, lambda g, r: _fma_chain(acc(g, r), s, p, images, f"yt * {R} + {r}", column,
+                                                                    row=f(g)))
+                if run:  # empty where every tap of the pattern reads zeros: its kernels cost nothing
+                    lines += [" " * indent + f"for j in range(ptr[{f(0)}, {cb} * {P + 1} + {p}], "
+                              f"ptr[{f(0)}, {cb} * {P + 1} + {p + 1}]):"] + run
             return lines + tile(indent, lambda g, r: f"{out(g, r)} = {acc(g, r)}")
         return body
     if B == 1:
