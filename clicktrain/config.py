@@ -27,6 +27,9 @@ class PruneConfig:
                      input loads across a block's rows (forward: filters, grad-input:
                      channels), at some accuracy cost (docs/results.md, docs/performance.md).
                      Also accepted as a string, ``"2x2"``.
+    fuse_batchnorm:  on target ``"llvm"``, run each BatchNorm2d in training mode -- with
+                     the ReLU after it, and a residual add before that -- on generated
+                     kernels (``passes/fuse_batchnorm.py``); False keeps torch's ops.
     """
 
     pattern_nnz: int = 4
@@ -35,6 +38,7 @@ class PruneConfig:
     skip_first_conv: bool = True
     skip: tuple[str, ...] = field(default_factory=tuple)
     pattern_block: tuple[int, int] = (1, 1)
+    fuse_batchnorm: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "pattern_block", parse_pattern_block(self.pattern_block))
@@ -57,6 +61,8 @@ class PruneConfig:
             raise ConfigError(
                 f"PruneConfig.connectivity is the fraction of kernels dropped per layer and "
                 f"must be in [0, 1), got {c!r}")
+        if not isinstance(self.fuse_batchnorm, bool):
+            raise ConfigError(f"PruneConfig.fuse_batchnorm must be True or False, got {self.fuse_batchnorm!r}")
         if not all(isinstance(s, str) and s for s in self.skip):
             raise ConfigError(f"PruneConfig.skip must be a tuple of module names, got {self.skip!r}")
 

@@ -14,6 +14,7 @@ import torch.fx as fx
 from ..errors import StateError
 from ..passes.base import compile_state
 from ..passes.insert_masks import MASKS_ATTR, prunable_layers
+from ..passes.fuse_batchnorm import unfuse_batchnorm
 from ..passes.lower import unlower_kernels
 from ..runtime.masks import Phase
 
@@ -51,6 +52,7 @@ def folded_graph(gm: fx.GraphModule) -> fx.GraphModule:
             node.replace_all_uses_with(node.args[0])
             plain.graph.erase_node(node)
     unlower_kernels(plain)
+    unfuse_batchnorm(plain)
     if hasattr(plain, MASKS_ATTR):
         delattr(plain, MASKS_ATTR)
     plain.graph.lint()

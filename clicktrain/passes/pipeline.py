@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import CompileState
 from .find_prunable import FindPrunableConvs
+from .fuse_batchnorm import FuseBatchNorm
 from .functionalize import FunctionalizeConvs
 from .harden import HardenMasks
 from .insert_masks import InsertPatternMasks
@@ -20,6 +21,7 @@ def compile_pipeline(state: CompileState, example_inputs: tuple) -> list:
         FindPrunableConvs(state.config),
         InsertPatternMasks(state.config),
         LowerToTarget(state.target),
+        FuseBatchNorm(state.target, state.config.fuse_batchnorm),
     ]
 
 

@@ -21,24 +21,8 @@ from torch import nn
 
 from ..errors import TargetError
 from ..patterns import DROPPED
+from .kernel_call import call_kernel as _call
 from .masks import PatternMask, Phase
-
-
-def _to_tvm(t: torch.Tensor, keep: list):
-    """DLPack view of ``t``; TVM rejects buffers not 64-byte aligned, so those are cloned
-    (``keep`` holds the clone alive for the call)."""
-    import tvm
-    t = t.contiguous()
-    if t.data_ptr() % 64:
-        t = t.clone()  # a fresh allocation is aligned
-    keep.append(t)
-    return tvm.runtime.from_dlpack(t)
-
-
-def _call(func, *args) -> None:
-    """``func`` on ``args``: tensors through DLPack, TVM arrays (cached index views) as they are."""
-    keep: list = []
-    func(*[_to_tvm(a, keep) if isinstance(a, torch.Tensor) else a for a in args])
 
 
 def _pad_to(x: torch.Tensor, top: int, left: int, rows: int, cols: int) -> torch.Tensor:

@@ -1,0 +1,184 @@
+"""FuseBatchNorm: on ``target="llvm"``, run each BatchNorm2d -- with the ReLU after it, and a
+residual add between them -- as one ``GeneratedBatchNorm`` call on generated kernels.
+
+Why: once its convs are pruned, a small CNN's training step spends a third of its time in
+torch's CPU BatchNorm and the ReLUs and adds around it (ResNet-20, docs/performance.md);
+one kernel per direction reads each tensor about as often as BatchNorm alone did.
+
+Three rules, tried longest first on every ``nn.BatchNorm2d`` call:
+
+    bn_add_relu:  relu(bn(x) + r)  ->  self.clicktrain_batchnorm.bn(x, r)
+    bn_relu:      relu(bn(x))      ->  self.clicktrain_batchnorm.bn(x)
+    bn:           bn(x)            ->  self.clicktrain_batchnorm.bn(x)
+
+A rule applies only where every intermediate value has that one user (nothing else reads
+``bn(x)`` or the sum) and ``r`` has ``bn(x)``'s shape and dtype (no broadcasting). The
+``nn.BatchNorm2d`` stays registered at its path: parameter names and the state_dict do not
+change. ``unfuse_batchnorm`` puts the plain ops back (for export).
+
+Before::                                     Expected::
+    bn2 = self.bn2(conv2)                        bn2 = self.clicktrain_batchnorm.bn2(conv2, shortcut)
+    add = bn2 + shortcut
+    relu = torch.nn.functional.relu(add)
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..util import format_table
+from .base import ClicktrainPass, PassResult
+
+BATCHNORM_ATTR = "clicktrain_batchnorm"
+RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
+ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _is_relu_of(gm: fx.GraphModule, node: fx.Node | None, value: fx.Node) -> bool:
+    if node is None or not node.args or node.args[0] is not value or len(node.args) > 1:
+        return False
+    if node.op == "call_function":
+        return node.target in RELU_FUNCTIONS and set(node.kwargs) <= {"inplace"}
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_") and not node.kwargs
+    return node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.ReLU
+
+
+def _residual_of_add(node: fx.Node | None, value: fx.Node) -> fx.Node | None:
+    """The other operand of ``value + other`` (no alpha, no broadcasting), else None. In-place
+    adds only with ``value`` first: fused, the other operand is no longer written."""
+    if node is None or len(node.args) != 2 or node.kwargs:
+        return None
+    if not ((node.op == "call_function" and node.target in ADD_FUNCTIONS)
+            or (node.op == "call_method" and node.target in ("add", "add_"))):
+        return None
+    a, b = node.args
+    in_place = node.target in (operator.iadd, "add_")
+    other = b if a is value else (a if b is value and not in_place else None)
+    if not isinstance(other, fx.Node) or other is value:
+        return None
+    mine, theirs = value.meta.get("tensor_meta"), other.meta.get("tensor_meta")
+    if mine is None or theirs is None or tuple(mine.shape) != tuple(theirs.shape) or mine.dtype != theirs.dtype:
+        return None
+    return other
+
+
+def match_batchnorm(gm: fx.GraphModule, bn: fx.Node) -> tuple[str, list[fx.Node], fx.Node | None]:
+    """(fusion, the nodes it replaces, bn first and its output last, the residual or None)."""
+    user = _only_user(bn)
+    residual = _residual_of_add(user, bn)
+    if residual is not None and _is_relu_of(gm, _only_user(user), user):
+        return "bn_add_relu", [bn, user, _only_user(user)], residual
+    if _is_relu_of(gm, user, bn):
+        return "bn_relu", [bn, user], None
+    return "bn", [bn], None
+
+
+def _is_batchnorm_call(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return (node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.BatchNorm2d
+            and len(node.args) == 1 and not node.kwargs)
+
+
+class FuseBatchNorm(ClicktrainPass):
+    name = "fuse_batchnorm"
+
+    def __init__(self, target: str, enabled: bool = True):
+        self.target, self.enabled = target, enabled
+        self.fused: list[tuple[str, str, float]] = []  # (BatchNorm2d, fusion, compile seconds)
+        self.sources: dict[str, str] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.target == "llvm"  # cuda: cuDNN's BatchNorm is fast already
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        self.fused, self.sources = [], {}
+        if not self.active:
+            return PassResult(gm, False)
+        from ..codegen.batchnorm import BatchNormSpec, batchnorm_kernels
+        from ..codegen.target import resolve_target
+        from ..runtime.batchnorm import GeneratedBatchNorm
+        target = resolve_target("llvm")
+        if not hasattr(gm, BATCHNORM_ATTR):
+            gm.add_module(BATCHNORM_ATTR, nn.ModuleDict())
+        modules: nn.ModuleDict = getattr(gm, BATCHNORM_ATTR)
+        for node in list(gm.graph.nodes):
+            if not _is_batchnorm_call(gm, node):
+                continue
+            bn = gm.get_submodule(node.target)
+            fusion, replaced, residual = match_batchnorm(gm, node)
+            key = node.target.replace(".", "_")
+            while key in modules:
+                key += "_"
+            modules[key] = GeneratedBatchNorm(bn, node.target, fusion, target)
+            seconds = 0.0
+            shape = node.meta.get("tensor_meta")
+            if shape is not None and len(shape.shape) == 4:  # the compile-time size now, others on first use
+                started = time.perf_counter()
+                n, c, h, w = shape.shape
+                kernels = batchnorm_kernels(BatchNormSpec(c, h * w, fusion, float(bn.eps), target.simd_lanes), target)
+                self.sources.update({f"{name}.tir.py": src for name, src in kernels.sources.items()})
+                seconds = time.perf_counter() - started
+            self.fused.append((node.target, fusion, seconds))
+            last = replaced[-1]
+            with gm.graph.inserting_before(last):
+                args = (node.args[0],) if residual is None else (node.args[0], residual)
+                call = gm.graph.call_module(f"{BATCHNORM_ATTR}.{key}", args)
+            call.meta = dict(last.meta)
+            last.replace_all_uses_with(call)
+            for old in reversed(replaced):
+                gm.graph.erase_node(old)
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, bool(self.fused))
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        if not self.active:
+            return
+        from ..runtime.batchnorm import GeneratedBatchNorm
+        for node in gm.graph.nodes:
+            assert not _is_batchnorm_call(gm, node), f"{node.name}: BatchNorm2d '{node.target}' left unfused"
+            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), GeneratedBatchNorm):
+                module = gm.get_submodule(node.target)
+                assert len(node.args) == (2 if module.fusion == "bn_add_relu" else 1), \
+                    f"{node.name}: {module.fusion} called with {len(node.args)} inputs"
+
+    def describe(self, gm: fx.GraphModule) -> str:
+        if not self.fused:
+            return ""
+        rows = [[name, fusion, f"{seconds:.2f}"] for name, fusion, seconds in self.fused]
+        return format_table(["BatchNorm2d", "fused", "compile s"], rows, title="## generated BatchNorm (llvm)")
+
+    def dump_files(self, gm: fx.GraphModule) -> dict[str, str]:
+        return self.sources
+
+
+def unfuse_batchnorm(gm: fx.GraphModule) -> None:
+    """Replace every GeneratedBatchNorm call by the plain ops it fused (in place)."""
+    from ..runtime.batchnorm import GeneratedBatchNorm
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), GeneratedBatchNorm):
+            continue
+        module = gm.get_submodule(node.target)
+        with gm.graph.inserting_before(node):
+            out = gm.graph.call_module(module.bn_target, (node.args[0],))
+            if module.fusion == "bn_add_relu":
+                out = gm.graph.call_function(operator.add, (out, node.args[1]))
+            if module.fusion != "bn":
+                out = gm.graph.call_function(F.relu, (out,))
+        out.meta = dict(node.meta)
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+    if hasattr(gm, BATCHNORM_ATTR):
+        delattr(gm, BATCHNORM_ATTR)
+    gm.recompile()

@@ -1,0 +1,109 @@
+"""A BatchNorm2d (with the ReLU after it, and a residual add before that) on generated kernels.
+
+``GeneratedBatchNorm`` stands in the graph where ``FuseBatchNorm`` found ``bn(x)``,
+``relu(bn(x))`` or ``relu(bn(x) + r)``. It has no parameters of its own: it reads the
+model's ``nn.BatchNorm2d`` (still registered at its own path, so parameter names, the
+state_dict and the sharing with the traced model do not change) and updates its running
+statistics exactly as torch does. Only training-mode statistics run on the generated
+kernels (``codegen/batchnorm.py``); evaluation (running statistics), other dtypes and
+devices run torch's ops, with the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..codegen.batchnorm import BatchNormSpec, batchnorm_kernels
+from .kernel_call import call_kernel
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, kernels):
+        n, c = x.shape[:2]
+        # detached: DLPack refuses tensors that require grad (autograd sees this function whole)
+        x, weight, bias = (t.detach().contiguous() for t in (x, weight, bias))
+        residual = None if residual is None else residual.detach().contiguous()
+        y = torch.empty_like(x)
+        stats = torch.empty(3, c)  # mean, 1/sqrt(var + eps), biased var
+        dummy = stats[0, :1]
+        flat = (n, c, -1)
+        call_kernel(kernels.forward, x.view(flat), weight, bias,
+                    dummy if residual is None else residual.view(flat), y.view(flat), stats)
+        ctx.kernels, ctx.has_residual = kernels, residual is not None
+        ctx.save_for_backward(x, y, weight, stats)
+        ctx.mark_non_differentiable(stats)
+        return y, stats
+
+    @staticmethod
+    def backward(ctx, dy, _):
+        x, y, weight, stats = ctx.saved_tensors
+        n, c = x.shape[:2]
+        flat = (n, c, -1)
+        dx = torch.empty_like(x)
+        dres = torch.empty_like(x) if ctx.has_residual else None
+        dparams = torch.empty(2, c)
+        dummy = dparams[0, :1]
+        call_kernel(ctx.kernels.backward, dy.contiguous().view(flat), x.view(flat),
+                    y.view(flat) if ctx.kernels.spec.relu else dummy, weight, stats, dx.view(flat),
+                    dummy if dres is None else dres.view(flat), dparams)
+        return dx, dparams[0], dparams[1], dres, None
+
+
+class GeneratedBatchNorm(nn.Module):
+    """``fusion(bn, x[, residual])`` with ``fusion`` one of ``codegen.batchnorm.FUSIONS``."""
+
+    def __init__(self, bn: nn.BatchNorm2d, bn_target: str, fusion: str, target):
+        super().__init__()
+        object.__setattr__(self, "bn", bn)  # not registered: it stays the model's, at its own path
+        self.bn_target, self.fusion, self.target = bn_target, fusion, target
+
+    def extra_repr(self) -> str:
+        return f"{self.fusion} of {self.bn_target}"
+
+    def _uses_batch_statistics(self) -> bool:
+        return self.bn.training or self.bn.running_mean is None
+
+    def _torch(self, x, residual):
+        """The same computation in torch's ops (evaluation, other devices and dtypes)."""
+        bn = self.bn
+        y = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                         self._uses_batch_statistics(), self._momentum(), bn.eps)
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if self.fusion != "bn" else y
+
+    def _momentum(self) -> float:
+        """torch's: with ``momentum=None`` the running statistics are a cumulative average."""
+        bn = self.bn
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            if bn.momentum is None:
+                return 1.0 / float(bn.num_batches_tracked)
+        return 0.0 if bn.momentum is None else bn.momentum
+
+    def _runs_generated(self, x, residual) -> bool:
+        return (self._uses_batch_statistics() and x.device.type == "cpu" and x.dtype == torch.float32
+                and x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] > 1  # else torch's own error
+                and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)))
+
+    def forward(self, x, residual=None):
+        bn = self.bn
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)  # as nn.BatchNorm2d does, before its momentum is read
+        if not self._runs_generated(x, residual):
+            return self._torch(x, residual)
+        n, c, h, w = x.shape
+        kernels = batchnorm_kernels(BatchNormSpec(c, h * w, self.fusion, float(bn.eps), self.target.simd_lanes),
+                                    self.target)
+        weight = bn.weight if bn.weight is not None else torch.ones(c)
+        bias = bn.bias if bn.bias is not None else torch.zeros(c)
+        y, stats = _BatchNormFunction.apply(x, weight, bias, residual, kernels)
+        if bn.training and bn.running_mean is not None:
+            count = n * h * w
+            momentum = self._momentum()
+            with torch.no_grad():
+                bn.running_mean.mul_(1 - momentum).add_(stats[0], alpha=momentum)
+                bn.running_var.mul_(1 - momentum).add_(stats[2], alpha=momentum * count / (count - 1))
+        return y
