@@ -27,19 +27,19 @@ class _BatchNormFunction(torch.autograd.Function):
         x, weight, bias = (t.detach().contiguous() for t in (x, weight, bias))
         residual = None if residual is None else residual.detach().contiguous()
         y = torch.empty_like(x)
-        stats = torch.empty(3, c)  # mean, 1/sqrt(var + eps), biased var
+        stats = torch.empty(5, c)  # mean, 1/sqrt(var + eps), biased var, scale, shift
         dummy = stats[0, :1]
         flat = (n, c, -1)
         call_kernel(kernels.forward, x.view(flat), weight, bias,
                     dummy if residual is None else residual.view(flat), y.view(flat), stats)
         ctx.kernels, ctx.has_residual = kernels, residual is not None
-        ctx.save_for_backward(x, y, weight, stats)
+        ctx.save_for_backward(x, y if residual is not None else None, stats)  # y: the mask, behind a residual
         ctx.mark_non_differentiable(stats)
         return y, stats
 
     @staticmethod
     def backward(ctx, dy, _):
-        x, y, weight, stats = ctx.saved_tensors
+        x, y, stats = ctx.saved_tensors
         n, c = x.shape[:2]
         flat = (n, c, -1)
         dx = torch.empty_like(x)
@@ -47,7 +47,7 @@ class _BatchNormFunction(torch.autograd.Function):
         dparams = torch.empty(2, c)
         dummy = dparams[0, :1]
         call_kernel(ctx.kernels.backward, dy.contiguous().view(flat), x.view(flat),
-                    y.view(flat) if ctx.kernels.spec.relu else dummy, weight, stats, dx.view(flat),
+                    dummy if y is None else y.view(flat), stats, dx.view(flat),
                     dummy if dres is None else dres.view(flat), dparams)
         return dx, dparams[0], dparams[1], dres, None
 
