@@ -11,8 +11,8 @@ fast as OpenMP's default for dense torch: ``benchmarks/openmp_wait.py``) unless 
 with TVM's pool not spinning (``benchmarks/_common.py``: its spin would slow the dense step
 taken right after an llvm one, which in real training runs alone).
 On llvm, BatchNorm (with the ReLU and residual add after it) runs on generated kernels too;
-two more models in the same rounds separate what that gives from what pruned convs give:
-the llvm model with torch's BatchNorm, and the dense model on llvm with generated BatchNorm.
+a fourth model in the same rounds, the llvm model with torch's BatchNorm, separates what
+that gives from what the generated convs give.
 The llvm model picks, per layer and kernel kind, the faster of its generated kernel and
 torch's dense conv (measured during warm-up, glue included); the choice is printed.
 
@@ -142,12 +142,11 @@ def main() -> None:
         print("dense = cuDNN as torch runs it by default (TF32 tensor cores allowed); 'fp32' = the same dense step "
               "with TF32 off, the arithmetic of the generated kernels")
     print(f"{'model':<10} {'input':>6} {'density':>8} {'dense ms':>9} {'torch-masked ms':>16} {gen + ' ms':>8} "
-          f"{gen + ' vs dense':>14}{'  fp32 ms  vs fp32' if cuda else '  torch-BN ms vs dense  dense-gen-BN ms vs it'}"
+          f"{gen + ' vs dense':>14}{'  fp32 ms  vs fp32' if cuda else '  torch-BN ms vs dense'}"
           f"  generated kinds (fwd/dgrad/wgrad) per layer")
     if not cuda:
         print("llvm runs BatchNorm (+ ReLU, + residual add) on generated kernels (PruneConfig.fuse_batchnorm); "
-              "'torch-BN' = the llvm model with torch's BatchNorm (the convs' share: dense / it), 'dense-gen-BN' = "
-              "the dense model on llvm with generated BatchNorm and no conv pruned (pruning's share: it / llvm)")
+              "'torch-BN' = the same llvm model with torch's BatchNorm (what the generated convs alone give)")
     for name in args.models:
         for size in args.sizes:
             torch.manual_seed(0)
@@ -163,12 +162,8 @@ def main() -> None:
                          gen: stepper(generated, x, y)}
                 if cuda:
                     steps["fp32"] = full_fp32(stepper(dense_model, x, y))
-                else:  # what the generated BatchNorm gives: llvm without it, and dense with it (no conv pruned)
+                else:  # what the generated BatchNorm gives: the llvm model without it
                     steps["torch-bn"] = stepper(hardened(name, x, gen, connectivity, args.ramp, args, False), x, y)
-                    torch.manual_seed(0)
-                    steps["dense-gen-bn"] = stepper(ct.compile_for_training(
-                        build_model(name, args.in_channels, 10, width=args.width), x[:2], target=gen,
-                        config=ct.PruneConfig(skip=("*",))), x, y)
                 times = round_robin(steps, args.repeats, sync=sync)
                 kinds = " ".join("".join("G" if u else "t" for u in mod._use[next(iter(mod._use))].values())
                                  for mod in generated.modules() if isinstance(mod, PatternConv2d) and mod._use)
@@ -177,8 +172,7 @@ def main() -> None:
                       f"{times['torch-masked'] * 1e3:>16.1f} {times[gen] * 1e3:>8.1f} "
                       f"{times['dense'] / times[gen]:>13.2f}x"
                       + (f"  {times['fp32'] * 1e3:>7.1f} {times['fp32'] / times[gen]:>7.2f}x" if cuda else
-                         f"  {times['torch-bn'] * 1e3:>7.1f} {times['dense'] / times['torch-bn']:>6.2f}x"
-                         f"  {times['dense-gen-bn'] * 1e3:>7.1f} {times['dense-gen-bn'] / times[gen]:>6.2f}x")
+                         f"  {times['torch-bn'] * 1e3:>7.1f} {times['dense'] / times['torch-bn']:>6.2f}x")
                       + f"  {kinds}", flush=True)
                 if args.profile:
                     print(op_profile({k: steps[k] for k in ("dense", gen)}))

@@ -181,11 +181,11 @@ def test_fused_resnet_trains_evaluates_and_exports_as_torch(tmp_path):
         ct.harden(m)
         models[target] = m
     assert len(models["llvm"].clicktrain_batchnorm) == 21  # the stem, 9 blocks x 2, 2 shortcuts
-    table = (tmp_path / "dump" / "006_fuse_batchnorm.txt").read_text()
+    table = (tmp_path / "dump" / "010_fuse_batchnorm.txt").read_text()
     assert "## generated BatchNorm (llvm)" in table and "layers.8.bn2" in table and "bn_add_relu" in table
     # each kind of (fusion, channels, pixels) once, forward and backward: (bn_relu, bn_add_relu) at three
     # sizes, the shortcuts' bn at two
-    sources = list((tmp_path / "dump").glob("006_fuse_batchnorm.ct_*.tir.py"))
+    sources = list((tmp_path / "dump").glob("010_fuse_batchnorm.ct_*.tir.py"))
     assert len(sources) == 16 and all("T.prim_func" in p.read_text() for p in sources)
     losses = {}
     for target, m in models.items():
@@ -209,10 +209,27 @@ def test_fused_resnet_trains_evaluates_and_exports_as_torch(tmp_path):
     np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], out.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_fuse_batchnorm_off_and_on_other_targets():
+def test_batchnorm_fuses_at_hardening_on_llvm_only():
+    """Not before hardening (torch's convs run then, and a generated BatchNorm between them
+    costs more than it saves), not when switched off, not on other targets; and with the
+    convs switched to torch's (the trainer's race), the BatchNorms follow."""
+    from clicktrain.runtime.pattern_conv import set_generated
     x = torch.randn(2, 3, 8, 8)
-    for target, config in [("llvm", ct.PruneConfig(fuse_batchnorm=False)), ("torch", ct.PruneConfig())]:
+    for target, config, fused in [("llvm", ct.PruneConfig(), True), ("llvm", ct.PruneConfig(fuse_batchnorm=False), False),
+                                  ("torch", ct.PruneConfig(), False)]:
         m = ct.compile_for_training(build_model("resnet20", 3, 10, width=0.25), x, target=target, config=config)
         assert not hasattr(m, "clicktrain_batchnorm") and "self.layers" in m.code
+        ct.select_patterns(m)
+        ct.harden(m)
+        assert hasattr(m, "clicktrain_batchnorm") == fused
+    m = ct.compile_for_training(build_model("resnet20", 3, 10, width=0.25), x, target="llvm")
+    ct.select_patterns(m)
+    ct.harden(m)
+    modules = list(m.clicktrain_batchnorm.values())
+    assert modules and all(b._runs_generated(x, None) for b in modules)
+    set_generated(m, False)
+    assert not any(b._runs_generated(x, None) for b in modules)
+    set_generated(m, True)
+    assert all(b.generated for b in modules)
     with pytest.raises(ct.ConfigError, match="fuse_batchnorm"):
         ct.PruneConfig(fuse_batchnorm="yes")

@@ -13,7 +13,7 @@ def test_inspect_dump(tmp_path, capsys):
     ct.harden(m)
     assert main(["inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "(11 stages)" in out and "009_filter_kernel_reorder" in out
+    assert "(11 stages)" in out and "008_filter_kernel_reorder" in out
     assert "## filter-kernel reorder" in out and "merge" in out
 
 

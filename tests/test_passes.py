@@ -158,15 +158,15 @@ def test_harden_pipeline_dumps_and_checks(tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["000_trace.txt", "001_propagate_shapes.txt", "002_functionalize_convs.txt",
                      "003_find_prunable_convs.txt", "004_insert_pattern_masks.txt", "005_lower_to_target.txt",
-                     "006_fuse_batchnorm.txt", "007_select_patterns.txt", "008_harden_masks.txt",
-                     "009_filter_kernel_reorder.txt", "010_generate_kernels.txt"]
-    table = (tmp_path / "008_harden_masks.txt").read_text()
+                     "006_select_patterns.txt", "007_harden_masks.txt", "008_filter_kernel_reorder.txt",
+                     "009_generate_kernels.txt", "010_fuse_batchnorm.txt"]
+    table = (tmp_path / "007_harden_masks.txt").read_text()
     assert "## pattern layers" in table and "HARD" in table and "9/12" in table and "12/16" in table  # 25% of kernels dropped
-    reorder = (tmp_path / "009_filter_kernel_reorder.txt").read_text()
+    reorder = (tmp_path / "008_filter_kernel_reorder.txt").read_text()
     assert "## filter-kernel reorder" in reorder
     # a fresh compile into the same directory starts over at 000
     ct.compile_for_training(Tiny(), torch.randn(1, 3, 6, 6), debug_dir=tmp_path)
-    assert len(list(tmp_path.iterdir())) == 7
+    assert len(list(tmp_path.iterdir())) == 6
 
 
 def test_harden_ensures_catches_a_broken_invariant():

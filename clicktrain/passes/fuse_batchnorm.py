@@ -1,9 +1,12 @@
-"""FuseBatchNorm: on ``target="llvm"``, run each BatchNorm2d -- with the ReLU after it, and a
-residual add between them -- as one ``GeneratedBatchNorm`` call on generated kernels.
+"""FuseBatchNorm (harden pipeline): on ``target="llvm"``, run each BatchNorm2d -- with the
+ReLU after it, and a residual add between them -- as one ``GeneratedBatchNorm`` call on
+generated kernels.
 
 Why: once its convs are pruned, a small CNN's training step spends a third of its time in
 torch's CPU BatchNorm and the ReLUs and adds around it (ResNet-20, docs/performance.md);
-one kernel per direction reads each tensor about as often as BatchNorm alone did.
+one kernel per direction reads each tensor about as often as BatchNorm alone did. It runs
+at hardening, when the convs around it move to generated kernels too: between torch convs
+the cores would change thread pools twice per BatchNorm, which cost more than it saved.
 
 Three rules, tried longest first on every ``nn.BatchNorm2d`` call:
 

@@ -21,7 +21,6 @@ def compile_pipeline(state: CompileState, example_inputs: tuple) -> list:
         FindPrunableConvs(state.config),
         InsertPatternMasks(state.config),
         LowerToTarget(state.target),
-        FuseBatchNorm(state.target, state.config.fuse_batchnorm),
     ]
 
 
@@ -31,4 +30,8 @@ def harden_pipeline(state: CompileState) -> list:
         HardenMasks(),
         FilterKernelReorder(),
         GenerateKernels(state.target),
+        # here, not at compile time: while the convs run torch's conv (dense and soft phases), a
+        # generated BatchNorm between them hands the cores between two thread pools twice and
+        # measured up to 11 % slower steps (docs/performance.md, session 9)
+        FuseBatchNorm(state.target, state.config.fuse_batchnorm),
     ]

@@ -59,6 +59,7 @@ class GeneratedBatchNorm(nn.Module):
         super().__init__()
         object.__setattr__(self, "bn", bn)  # not registered: it stays the model's, at its own path
         self.bn_target, self.fusion, self.target = bn_target, fusion, target
+        self.generated = True  # False: torch's ops (pattern_conv.set_generated, with the convs)
 
     def extra_repr(self) -> str:
         return f"{self.fusion} of {self.bn_target}"
@@ -84,7 +85,7 @@ class GeneratedBatchNorm(nn.Module):
         return 0.0 if bn.momentum is None else bn.momentum
 
     def _runs_generated(self, x, residual) -> bool:
-        return (self._uses_batch_statistics() and x.device.type == "cpu" and x.dtype == torch.float32
+        return (self.generated and self._uses_batch_statistics() and x.device.type == "cpu" and x.dtype == torch.float32
                 and x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] > 1  # else torch's own error
                 and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)))
 

@@ -359,9 +359,11 @@ class PatternConv2d(nn.Module):
 
 def set_generated(model: nn.Module, enabled: bool) -> None:
     """Run every hardened prunable conv of ``model`` on its generated kernels (the per-layer
-    measured choice) or, with ``enabled=False``, on torch's dense conv of the masked weight."""
+    measured choice) or, with ``enabled=False``, on torch's dense conv of the masked weight;
+    the generated BatchNorms follow (between torch convs they cost more than they save)."""
+    from .batchnorm import GeneratedBatchNorm
     for module in model.modules():
-        if isinstance(module, PatternConv2d):
+        if isinstance(module, (PatternConv2d, GeneratedBatchNorm)):
             module.generated = enabled
 
 
