@@ -187,6 +187,8 @@ def test_fused_resnet_trains_evaluates_and_exports_as_torch(tmp_path):
     # sizes, the shortcuts' bn at two
     sources = list((tmp_path / "dump").glob("010_fuse_batchnorm.ct_*.tir.py"))
     assert len(sources) == 16 and all("T.prim_func" in p.read_text() for p in sources)
+    report = ct.pruning_report(models["llvm"])
+    assert "layers.8.bn2 (BatchNorm)" in report.compile_seconds and "layers.8.conv2" in report.compile_seconds
     losses = {}
     for target, m in models.items():
         opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)

@@ -77,7 +77,7 @@ class PruningReport(ConvRatios):
                      f"sharing one pattern, dropped together)")
         if self.compile_seconds:
             text += (f"\nkernel compile: {sum(self.compile_seconds.values()):.2f} s for {len(self.compile_seconds)} "
-                     f"layers (0 s = loaded from the cache)")
+                     f"layers, convs and BatchNorms (0 s = loaded from the cache)")
         return text
 
 
