@@ -28,7 +28,9 @@ image: ``pixels // lanes`` full vectors and a scalar tail into the first lanes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from .templates import prim_func_header
 
 FUSIONS = ("bn", "bn_relu", "bn_add_relu")  # what follows the BatchNorm inside the kernel
 
@@ -58,15 +60,12 @@ class BatchNormSpec:
 
 
 def _head(name: str, params: list[str]) -> list[str]:
-    return ["@T.prim_func",
-            f"def {name}({', '.join(p + '_h: T.handle' for p in params)}):",
-            f'    T.func_attr({{"global_symbol": "{name}", "tir.noalias": True}})',
-            "    n = T.int32()"]
+    return prim_func_header(name, [p + "_h" for p in params], ("n",))
 
 
-def _buffer(name: str, shape: str, present: bool = True, dtype: str = "float32") -> str:
+def _buffer(name: str, shape: str, present: bool = True) -> str:
     """A parameter's buffer; an absent optional one (no residual, no ReLU mask) is a dummy of one float."""
-    return f'    {name} = T.match_buffer({name}_h, {shape if present else "(1,)"}, "{dtype}")'
+    return f'    {name} = T.match_buffer({name}_h, {shape if present else "(1,)"}, "float32")'
 
 
 def _over_channel(s: BatchNormSpec, indent: int, body) -> list[str]:
@@ -195,11 +194,9 @@ def batchnorm_backward_llvm(s: BatchNormSpec) -> str:
 
 @dataclass
 class BatchNormKernels:
-    spec: BatchNormSpec
     forward: object
     backward: object
-    sources: dict = field(default_factory=dict)
-    compile_seconds: float = 0.0
+    sources: dict  # name -> TVMScript, for the dump
 
 
 _built: dict[tuple, BatchNormKernels] = {}
@@ -212,10 +209,6 @@ def batchnorm_kernels(spec: BatchNormSpec, target) -> BatchNormKernels:
     if key not in _built:
         sources = {spec.name("fwd"): batchnorm_forward_llvm(spec), spec.name("bwd"): batchnorm_backward_llvm(spec)}
         started = {name: start_compile(name, source, target) for name, source in sources.items()}
-        funcs, seconds = [], 0.0
-        for name, result in started.items():
-            module, spent, _ = result()
-            funcs.append(module[name])
-            seconds += spent
-        _built[key] = BatchNormKernels(spec, *funcs, sources=sources, compile_seconds=seconds)
+        funcs = [result()[0][name] for name, result in started.items()]
+        _built[key] = BatchNormKernels(*funcs, sources=sources)
     return _built[key]

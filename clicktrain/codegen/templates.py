@@ -153,12 +153,13 @@ DIRECT_PARAMS = ["inp_h", "w_h", "widx_h", "ptr_h", "src_h", "perm_h", "bias_h",
 GRAD_WEIGHT_PARAMS = ["dout_h", "inp_h", "bf_h", "bc_h", "gidx_h", "pptr_h", "g_h"]
 
 
-def _header(name: str, params: list[str]) -> list[str]:
+def prim_func_header(name: str, params: list[str], sizes: tuple[str, ...] = ("n", "kk")) -> list[str]:
+    """The first lines of every generated kernel and copy: handle parameters ``params`` and the
+    symbolic sizes ``sizes`` (run-time extents: the batch, the number of kept kernels, ...)."""
     return ["@T.prim_func",
             f"def {name}({', '.join(p + ': T.handle' for p in params)}):",
-            f'    T.func_attr({{"global_symbol": "{name}", "tir.noalias": True}})',
-            "    n = T.int32()",
-            "    kk = T.int32()"]
+            f'    T.func_attr({{"global_symbol": "{name}", "tir.noalias": True}})'] + \
+        [f"    {size} = T.int32()" for size in sizes]
 
 
 def _input_shape(s) -> str:
@@ -249,7 +250,7 @@ def direct_conv_llvm(s: DirectConvSpec) -> str:
 
     def acc(g: int, lane: str = "v") -> str:
         return f"{buffer(g)}[r, {lane}]"
-    lines = _header(s.name, DIRECT_PARAMS) + _direct_buffers(s)
+    lines = prim_func_header(s.name, DIRECT_PARAMS) + _direct_buffers(s)
     lines += [f"    for bf in T.parallel(n * {groups}):"]
     # one buffer per row of the group: a buffer of 1 KB or more goes to TVM's heap workspace,
     # where LLVM cannot keep it in registers
@@ -319,7 +320,7 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
             for r in range(R):
                 lines += _vector_tile([("x", XW)], V, indent, body(g, r))
         return lines
-    lines = _header(s.name, DIRECT_PARAMS) + _direct_buffers(s)
+    lines = prim_func_header(s.name, DIRECT_PARAMS) + _direct_buffers(s)
     # one accumulator buffer per row: TVM puts a buffer of 1 KB or more (16 AVX-512 vectors)
     # on the heap, where LLVM cannot keep it in registers (measured: 3-4x slower)
     lines += [f"    for bf in T.parallel(n * {groups}):"]
@@ -437,7 +438,7 @@ def direct_conv_cuda(s: DirectConvSpec) -> str:
     items_per_block = T // S
     pixels = s.out_h * s.out_w
     items = f"(n + {R - 1}) // {R} * {pixels}"
-    lines = _header(s.name, DIRECT_PARAMS) + _direct_buffers(s)
+    lines = prim_func_header(s.name, DIRECT_PARAMS) + _direct_buffers(s)
     init = f"bias[perm[blk % {O}]]" if s.bias else "T.float32(0)"
     e = f"(blk // {O} * {items_per_block} + tx % {items_per_block})" if S > 1 else f"(blk // {O} * {T} + tx)"
     lines += [
@@ -560,7 +561,7 @@ def grad_weight_llvm(s: GradWeightSpec) -> str:
             half //= 2
         total = (lambda gi, t: f"g[gidx[j, {gi}, {t}]] + {acc(gi, t, '0')}") if S else (lambda gi, t: acc(gi, t, "0"))
         return lines + each_weight(indent, lambda gi, t: [f"{pad}    g[gidx[j, {gi}, {t}]] = {total(gi, t)}"])
-    lines = _header(s.name, GRAD_WEIGHT_PARAMS) + _grad_weight_buffers(s)
+    lines = prim_func_header(s.name, GRAD_WEIGHT_PARAMS) + _grad_weight_buffers(s)
     if S:  # one parallel pass per slice over every block, each task branching to its pattern
         lines += [f"    for bs in range((n + {S - 1}) // {S}):",
                   f"        for j in T.parallel(pptr[{len(s.offsets)}]):"] + ["            " + a for a in alloc]
@@ -593,7 +594,7 @@ def grad_weight_cuda(s: GradWeightSpec) -> str:
     pixels = s.true_out_h * W
     T = cuda_reduce_threads(pixels)
     steps = f"(n * {pixels} + {T - 1}) // {T}"
-    lines = _header(s.name, GRAD_WEIGHT_PARAMS) + _grad_weight_buffers(s)
+    lines = prim_func_header(s.name, GRAD_WEIGHT_PARAMS) + _grad_weight_buffers(s)
     lines += [
         f'    for j in T.thread_binding(T.max(kk, 1), thread="blockIdx.x"):',
         f'        for tx in T.thread_binding({T}, thread="threadIdx.x"):',
@@ -708,9 +709,7 @@ def relayout_llvm(s: RelayoutSpec) -> str:
     ys, nh, xs, nw = s.window
     (sy, sx) = s.spread
     y0, x0 = s.top + ys * sy, s.left + xs * sx
-    head = ["@T.prim_func", f"def {s.name}(inp_h: T.handle, out_h: T.handle):",
-            f'    T.func_attr({{"global_symbol": "{s.name}", "tir.noalias": True}})',
-            "    n = T.int32()"] + (["    m = T.int32()"] if s.layout == "chwn" else [])
+    head = prim_func_header(s.name, ["inp_h", "out_h"], ("n", "m") if s.layout == "chwn" else ("n",))
     if s.kind == "unpad":  # chwn (m, C, R, W, V) -> nchw (n, C, h, w)
         return "\n".join(head + _unpad_chwn_llvm(s)) + "\n"
     if s.kind == "interleave":
@@ -844,10 +843,7 @@ def interleave_phases_llvm(s: RelayoutSpec) -> str:
     C, (sy, sx), h, w = s.channels, s.spread, s.h, s.w
     phases = s.stride_phases
     names = {(ry, rx): f"ph{ry}{rx}" for ry, rx, _, _ in phases}
-    lines = ["@T.prim_func",
-             f"def {s.name}({', '.join(f'{names[ry, rx]}_h: T.handle' for ry, rx, _, _ in phases)}, out_h: T.handle):",
-             f'    T.func_attr({{"global_symbol": "{s.name}", "tir.noalias": True}})',
-             "    n = T.int32()"]
+    lines = prim_func_header(s.name, [f"{names[ry, rx]}_h" for ry, rx, _, _ in phases] + ["out_h"], ("n",))
     lines += [f'    {names[ry, rx]} = T.match_buffer({names[ry, rx]}_h, (n, {C}, {qh}, {qw}), "float32")'
               for ry, rx, qh, qw in phases]
     lines += [f'    out = T.match_buffer(out_h, (n, {C}, {h}, {w}), "float32")',
@@ -906,10 +902,7 @@ def _column_phases_llvm(s: RelayoutSpec) -> list[str]:
 
 def gather_weights_llvm(name: str, k: int) -> str:
     """``out[j, t] = w[widx[j, t]]``: the kept weights of a layer in a kernel's order, one pass."""
-    return "\n".join([
-        "@T.prim_func", f"def {name}(w_h: T.handle, widx_h: T.handle, out_h: T.handle):",
-        f'    T.func_attr({{"global_symbol": "{name}", "tir.noalias": True}})',
-        "    kk = T.int32()", "    m = T.int32()",
+    return "\n".join(prim_func_header(name, ["w_h", "widx_h", "out_h"], ("kk", "m")) + [
         '    w = T.match_buffer(w_h, (m,), "float32")',
         f'    widx = T.match_buffer(widx_h, (kk, {k}), "int32")',
         f'    out = T.match_buffer(out_h, (kk, {k}), "float32")',

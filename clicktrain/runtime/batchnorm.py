@@ -76,13 +76,16 @@ class GeneratedBatchNorm(nn.Module):
             y = y + residual
         return F.relu(y) if self.fusion != "bn" else y
 
+    def _counts_batches(self) -> bool:
+        bn = self.bn
+        return bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+
     def _momentum(self) -> float:
         """torch's: with ``momentum=None`` the running statistics are a cumulative average."""
         bn = self.bn
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            if bn.momentum is None:
-                return 1.0 / float(bn.num_batches_tracked)
-        return 0.0 if bn.momentum is None else bn.momentum
+        if bn.momentum is None:
+            return 1.0 / float(bn.num_batches_tracked) if self._counts_batches() else 0.0
+        return bn.momentum
 
     def _runs_generated(self, x, residual) -> bool:
         return (self.generated and self._uses_batch_statistics() and x.device.type == "cpu" and x.dtype == torch.float32
@@ -91,7 +94,7 @@ class GeneratedBatchNorm(nn.Module):
 
     def forward(self, x, residual=None):
         bn = self.bn
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        if self._counts_batches():
             bn.num_batches_tracked.add_(1)  # as nn.BatchNorm2d does, before its momentum is read
         if not self._runs_generated(x, residual):
             return self._torch(x, residual)
