@@ -17,7 +17,6 @@ step does between one layer's BatchNorm and the next use of its tensors.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -25,10 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clicktrain.machine import llvm_openmp_env  # noqa: E402
+from clicktrain.machine import restart_with_llvm_openmp  # noqa: E402
 
-if llvm_openmp_env(os.environ) != dict(os.environ):  # OpenMP reads it when torch loads: restart once
-    os.execve(sys.executable, [sys.executable, *sys.argv], llvm_openmp_env(os.environ))
+restart_with_llvm_openmp(sys.argv)  # before torch loads: the training OpenMP setting
 from _common import header  # noqa: E402  (TVM's pool not spinning, as in the other benchmarks)
 
 import torch  # noqa: E402

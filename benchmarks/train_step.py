@@ -26,16 +26,14 @@ torch's dense conv (measured during warm-up, glue included); the choice is print
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clicktrain.machine import llvm_openmp_env  # noqa: E402
+from clicktrain.machine import restart_with_llvm_openmp  # noqa: E402
 
-if llvm_openmp_env(os.environ) != dict(os.environ):  # OpenMP reads it when torch loads: restart once
-    os.execve(sys.executable, [sys.executable, *sys.argv], llvm_openmp_env(os.environ))
+restart_with_llvm_openmp(sys.argv)  # before torch loads: the training OpenMP setting
 from _common import full_fp32, header  # noqa: E402
 
 import collections  # noqa: E402

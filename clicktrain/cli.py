@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from .errors import ClicktrainError
-from .machine import llvm_openmp_env
+from .machine import restart_with_llvm_openmp
 
 
 def _train(args) -> int:
@@ -125,9 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _openmp_for_llvm(args, argv) -> None:
     # OpenMP reads its wait setting when torch loads: the command restarts itself once
     if argv is None and getattr(args, "target", None) == "llvm":
-        env = llvm_openmp_env(os.environ)
-        if env != dict(os.environ):
-            os.execve(sys.executable, [sys.executable, "-m", "clicktrain.cli", *sys.argv[1:]], env)
+        restart_with_llvm_openmp(["-m", "clicktrain.cli", *sys.argv[1:]])
 
 
 def main(argv: list[str] | None = None) -> int:

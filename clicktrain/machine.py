@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 import warnings
 
@@ -52,6 +53,14 @@ def llvm_openmp_env(env) -> dict:
     if not set(OPENMP_WAIT_VARS) & set(env):
         env.update(LLVM_OPENMP_ENV)
     return env
+
+
+def restart_with_llvm_openmp(argv: list[str]) -> None:
+    """Restart this process (``python *argv``) with ``llvm_openmp_env`` where the environment
+    lacks it: OpenMP reads its wait setting when torch loads, so it must be there at start."""
+    env = llvm_openmp_env(os.environ)
+    if env != dict(os.environ):
+        os.execve(sys.executable, [sys.executable, *argv], env)
 
 
 def check_spin_waits() -> None:
