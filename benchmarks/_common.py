@@ -17,9 +17,21 @@ if "GOMP_SPINCOUNT" not in os.environ:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
-from clicktrain.machine import fastest_alternating  # noqa: E402,F401  (re-exported for the benchmarks)
+from clicktrain.machine import ISA_LIMITS, fastest_alternating, restart_with_isa  # noqa: E402,F401  (re-exported)
+
+
+def parse_args(parser):
+    """``parser.parse_args()`` with ``--isa``: ``avx2`` restarts this process once with the
+    AVX2 limits (``machine.ISA_LIMITS``) so that an AVX-512 machine measures both sides as an
+    AVX2 one runs them (generated kernels and oneDNN alike)."""
+    parser.add_argument("--isa", default="native", choices=sorted(ISA_LIMITS),
+                        help="avx2: generated kernels, oneDNN and torch's ops limited to AVX2 (an AVX2 machine's code)")
+    args = parser.parse_args()
+    restart_with_isa(sys.argv, args.isa)
+    return args
 
 
 def _sync() -> None:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clicktrain.machine import restart_with_llvm_openmp  # noqa: E402
 
 restart_with_llvm_openmp(sys.argv)  # before torch loads: the training OpenMP setting
-from _common import header  # noqa: E402  (TVM's pool not spinning, as in the other benchmarks)
+from _common import parse_args, header  # noqa: E402  (TVM's pool not spinning, as in the other benchmarks)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
+    args = parse_args(parser)
     threads = set_threads(args.threads)
     print(header(threads))
     print(f"batch {args.batch}; ms, median of {args.rounds} rounds; ratio = torch / generated")

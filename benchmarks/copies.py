@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fastest_alternating, header  # noqa: E402
+from _common import parse_args, fastest_alternating, header  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -68,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--against", default=None, help="also time the copies generated at this git commit")
-    args = parser.parse_args()
+    args = parse_args(parser)
     old = templates_at(args.against) if args.against else None
     threads = set_threads(None)
     target = resolve_target("llvm")

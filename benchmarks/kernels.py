@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fastest_alternating, full_fp32, header  # noqa: E402
+from _common import parse_args, fastest_alternating, full_fp32, header  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -101,7 +101,7 @@ def main() -> None:
                         help="fractions of kernels dropped, one table each")
     parser.add_argument("--pattern-block", default="1x1", help="filters x input channels sharing a pattern")
     parser.add_argument("--compile-only", action="store_true", help="generate and compile the kernels, time nothing")
-    args = parser.parse_args()
+    args = parse_args(parser)
     threads = set_threads(args.threads)
     if args.compile_only:
         for model_name in args.models:

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fastest_alternating, header  # noqa: E402
+from _common import parse_args, fastest_alternating, header  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--values", nargs="+", default=None)
     parser.add_argument("--connectivity", type=float, default=0.0)
     parser.add_argument("--pattern-block", default="1x1", help="filters x input channels sharing a pattern")
-    args = parser.parse_args()
+    args = parse_args(parser)
     block = parse_pattern_block(args.pattern_block)
     values = args.values or DEFAULT_VALUES[args.vary]
     threads = set_threads(None)

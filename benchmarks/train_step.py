@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clicktrain.machine import restart_with_llvm_openmp  # noqa: E402
 
 restart_with_llvm_openmp(sys.argv)  # before torch loads: the training OpenMP setting
-from _common import full_fp32, header  # noqa: E402
+from _common import parse_args, full_fp32, header  # noqa: E402
 
 import collections  # noqa: E402
 import statistics  # noqa: E402
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also print the time per op of dense and llvm")
     parser.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
     parser.add_argument("--pattern-block", default="1x1", help="filters x input channels sharing a pattern")
-    args = parser.parse_args()
+    args = parse_args(parser)
     threads = set_threads(args.threads)
     gen = args.target
     device = torch.device("cuda" if gen == "cuda" else "cpu")

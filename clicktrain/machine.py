@@ -23,7 +23,15 @@ def cpu_description() -> str:
     except OSError:
         pass
     simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE/other"
-    return f"{name}, {os.cpu_count()} logical cores, SIMD {simd}"
+    limits = ", ".join(f"{var}={os.environ[var]}" for var in ISA_LIMIT_VARS if os.environ.get(var))
+    return f"{name}, {os.cpu_count()} logical cores, SIMD {simd}" + (f" (limited: {limits})" if limits else "")
+
+
+# What runs narrower vectors than this CPU has, to measure or test an older machine's code on
+# this one: the generated kernels (an LLVM CPU name, clicktrain/codegen/target.py), oneDNN's
+# convolutions and torch's own vectorised ops. Both of torch's are read when torch loads.
+ISA_LIMIT_VARS = ("CLICKTRAIN_LLVM_CPU", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+ISA_LIMITS = {"native": {}, "avx2": dict(zip(ISA_LIMIT_VARS, ("x86-64-v3", "AVX2", "avx2")))}
 
 
 def set_threads(n: int | None = None) -> int:
@@ -58,7 +66,18 @@ def llvm_openmp_env(env) -> dict:
 def restart_with_llvm_openmp(argv: list[str]) -> None:
     """Restart this process (``python *argv``) with ``llvm_openmp_env`` where the environment
     lacks it: OpenMP reads its wait setting when torch loads, so it must be there at start."""
-    env = llvm_openmp_env(os.environ)
+    restart_with_env(argv, llvm_openmp_env(os.environ))
+
+
+def restart_with_isa(argv: list[str], isa: str) -> None:
+    """Restart this process with ``ISA_LIMITS[isa]`` in its environment where it lacks them
+    (``native``: nothing to do). A benchmark's ``--isa avx2`` measures, on an AVX-512 machine,
+    what an AVX2 one runs: 8-lane kernels with AVX2's 16 registers, oneDNN's AVX2 convolutions."""
+    restart_with_env(argv, {**os.environ, **ISA_LIMITS[isa]})
+
+
+def restart_with_env(argv: list[str], env: dict) -> None:
+    """Restart this process (``python *argv``) with environment ``env`` where it differs."""
     if env != dict(os.environ):
         os.execve(sys.executable, [sys.executable, *argv], env)
 

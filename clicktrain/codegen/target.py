@@ -41,15 +41,52 @@ def resolve_target(name: str) -> KernelTarget:
         raise TargetError(f"target={name!r} needs apache-tvm==0.27.0.post1: pip install 'apache-tvm==0.27.0.post1'",
                           original=exc) from None
     if name == "llvm":
-        # "mcpu": "native" silently falls back to a generic CPU without SIMD: ask LLVM instead.
-        cpu = tvm.target.codegen.llvm_get_system_cpu()
-        flags = _cpu_flags()
-        lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+        cpu, lanes = _llvm_cpu()
         return KernelTarget("llvm", (("kind", "llvm"), ("mcpu", cpu)), f"llvm -mcpu={cpu}", lanes)
     if name == "cuda":
         arch = _cuda_arch()
         return KernelTarget("cuda", (("arch", arch), ("kind", "cuda")), f"cuda -arch={arch}", 32)
     raise TargetError(f"unknown kernel target {name!r}; choose 'llvm' or 'cuda'")
+
+
+LLVM_CPU_VAR = "CLICKTRAIN_LLVM_CPU"  # generate CPU kernels for this LLVM CPU instead of this machine's
+# LLVM feature names whose /proc/cpuinfo flag is spelled differently
+_CPUINFO_NAMES = {"sse3": "pni", "bmi": "bmi1", "lzcnt": "abm", "sha": "sha_ni", "avxvnni": "avx_vnni"}
+_ISA_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "bmi", "amx")  # extensions the kernels may execute
+
+
+def _llvm_cpu() -> tuple[str, int]:
+    """(LLVM CPU name, float32 lanes per vector) of the CPU kernels: this machine's, or the
+    one ``$CLICKTRAIN_LLVM_CPU`` names (e.g. ``x86-64-v3`` for AVX2 kernels on an AVX-512
+    machine, to measure or test what an AVX2-only machine would run). That CPU must be one
+    this machine can execute: a kernel using an extension it lacks would die on an illegal
+    instruction, so that is refused here, naming the missing extensions."""
+    import os
+    from tvm.target import codegen
+    flags, wanted = _cpu_flags(), os.environ.get(LLVM_CPU_VAR, "").strip()
+    if not wanted:
+        # "mcpu": "native" silently falls back to a generic CPU without SIMD: ask LLVM instead
+        return codegen.llvm_get_system_cpu(), 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    import tvm
+    if not codegen.llvm_is_valid_cpu(wanted, "x86_64-unknown-linux-gnu"):
+        raise TargetError(f"{LLVM_CPU_VAR}={wanted!r} is not a CPU LLVM knows: use an LLVM -mcpu name such as "
+                          f"x86-64-v3 (AVX2), x86-64-v4 (AVX-512), znver3 or skylake-avx512, or unset it")
+    features = set(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": wanted})))
+    missing = sorted(f for f in features if f.startswith(_ISA_PREFIXES) and flags
+                     and _cpuinfo_name(f) not in flags)
+    if missing:
+        raise TargetError(f"{LLVM_CPU_VAR}={wanted!r} needs {', '.join(missing)}, which this CPU lacks: its kernels "
+                          f"would die on an illegal instruction. Name an older CPU (x86-64-v3 for AVX2) or unset it")
+    return wanted, 16 if "avx512f" in features else 8 if "avx2" in features else 4
+
+
+def _cpuinfo_name(feature: str) -> str:
+    """The /proc/cpuinfo flag of an LLVM feature name (``avx512vnni`` -> ``avx512_vnni``)."""
+    if feature in _CPUINFO_NAMES:
+        return _CPUINFO_NAMES[feature]
+    if feature.startswith("avx512") and feature[6:] not in ("f", "bw", "cd", "dq", "vl", "ifma", "vbmi", "er", "pf"):
+        return "avx512_" + feature[6:]
+    return feature.replace(".", "_").replace("-", "_")
 
 
 def _cuda_arch() -> str:
