@@ -12,7 +12,7 @@ from torch import nn
 
 import clicktrain as ct
 from clicktrain.codegen import cache as kernel_cache
-from clicktrain.codegen.target import _cpu_flags, resolve_target
+from clicktrain.codegen.target import _cpu_flags, resolve_target, vector_registers
 from clicktrain.passes.conv_sites import ConvSite
 from clicktrain.passes.insert_masks import prunable_layers
 from clicktrain.runtime.masks import PatternMask, Phase
@@ -221,7 +221,7 @@ def test_grad_weight_block_size_per_layer(simd):
     or 128 filters and more) and the map is chwn or small; 2 elsewhere, and always on AVX2."""
     import dataclasses
     from clicktrain.codegen.kernels import ConvGeometry, plan_kernels
-    cpu = dataclasses.replace(resolve_target("llvm"), simd_lanes=simd)
+    cpu = dataclasses.replace(resolve_target("llvm"), simd_lanes=simd, vector_registers=vector_registers(simd))
     lib = ct.patterns.fixed_library(4, 4)
 
     def group(c, o, hw, row_groups=(1, 1)):
@@ -262,6 +262,8 @@ def test_older_cpus_kernels_match_masked_dense_conv(cpu, lanes, isa, monkeypatch
     try:
         target = resolve_target("llvm")
         assert (target.simd_lanes, target.description) == (lanes, f"llvm -mcpu={cpu}")
+        for case, block in [(GROUPED[0][0], (4, 4)), (GROUPED[8][0], (4, 4))]:  # grouped nchw, whole-map chwn
+            check_against_masked_dense_conv(case, block)
         for case in [GRID[1], GRID[6], GRID[8], GRID[9], (3, 12, 20, 8, 8, 1, 1, 1, 0.3, True)]:
             conv = check_against_masked_dense_conv(case)
         plan = conv.kernels_for((8, 8), (20, 12, 3, 3)).plan
@@ -275,6 +277,25 @@ def test_older_cpus_kernels_match_masked_dense_conv(cpu, lanes, isa, monkeypatch
     finally:
         monkeypatch.delenv("CLICKTRAIN_LLVM_CPU")
         resolve_target.cache_clear()
+
+
+def test_tiles_follow_the_register_file():
+    """Before: tiles sized for AVX-512's 32 vector registers everywhere, so AVX2's 16 spilled
+    (a grouped nchw tile of 16 accumulators; 4x4 blocks ran 1.0-1.2x of dense where the
+    halved tile runs 1.5-2.1x). Expected: half the register file for accumulators, except a
+    chwn tile that holds the whole map within AVX-512's budget (it skips the zero border)."""
+    from clicktrain.codegen.kernels import chwn_tile, choose_row_group, grad_weight_group
+    from clicktrain.codegen.target import KernelTarget
+    assert choose_row_group(4, 16, 16, registers=32) == (4, 4)  # AVX-512: 16-lane rows, 4 x 4 accumulators
+    assert choose_row_group(4, 16, 8, registers=16) == (2, 2)   # AVX2: two vectors a row, 2 x 2 x 2 (was 2 x 4 x 2)
+    assert choose_row_group(1, 8, 8, registers=16) == (1, 8)    # ungrouped: 8 rows of one vector either way
+    # chwn (row group, rows, columns): AVX-512 / AVX2
+    assert chwn_tile(8, 8, 1, 32) == (1, 2, 8) and chwn_tile(8, 8, 1, 16) == (1, 1, 8)
+    assert chwn_tile(4, 4, 4, 32) == (4, 1, 4) and chwn_tile(4, 4, 4, 16) == (2, 1, 4)
+    assert chwn_tile(4, 4, 1, 16) == (1, 4, 4)  # the whole 4x4 map: 16 accumulators even on AVX2
+    assert chwn_tile(2, 2, 4, 16) == (4, 2, 2)  # the whole 2x2 map for 4 grouped rows
+    assert grad_weight_group(KernelTarget("llvm", (), "t", 8, 16), "chwn") == 2
+    assert grad_weight_group(KernelTarget("llvm", (), "t", 16, 32), "chwn") == 4
 
 
 @pytest.mark.parametrize("cpu,error", [("bogus-cpu", "not a CPU LLVM knows"),
@@ -376,7 +397,7 @@ def test_layout_choice_per_kernel_kind(simd):
     8-wide rows too); the grid above covers each mix."""
     from clicktrain.codegen.kernels import ConvGeometry, plan_kernels
     from clicktrain.codegen.target import KernelTarget
-    cpu = KernelTarget("llvm", (), "test", simd)
+    cpu = KernelTarget("llvm", (), "test", simd, vector_registers(simd))
     library = generate_library({"w": torch.rand(8, 8, 3, 3)}, 4, 8)
 
     def layouts(h, stride):

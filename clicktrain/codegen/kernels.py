@@ -108,7 +108,7 @@ def choose_rows(lanes: int, simd_lanes: int) -> int:
     return max(1, min(8, DIRECT_ACCUMULATORS * simd_lanes // lanes))
 
 
-CHWN_ACCUMULATORS = 16  # vector registers the chwn tile may hold (AVX-512 has 32, AVX2 16)
+CHWN_ACCUMULATORS = 16  # vector registers the chwn tile may hold, with 32 in all (accumulators())
 CHWN_DIRECT_MAX_WIDTH = 8  # forward / grad-input: chwn up to this output row width
 CHWN_NARROW_ROW_KERNELS = 48  # ... and, per kernel, on any row narrower than a vector with this many kept kernels
 CHWN_GRAD_WEIGHT_HALF_VECTOR = True  # grad-weight: chwn on every row up to half a vector (False: padded ones or <= 4)
@@ -168,14 +168,45 @@ def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool, row_groups: 
             or narrow_padded else "nchw")
 
 
-def choose_chwn_rows(height: int, width: int, group: int = 1) -> int:
-    """Whole rows per chwn tile (of each of ``group`` layout rows): as many as the accumulator
-    budget holds, padding <= 15 %."""
+def accumulators(budget: int, registers: int) -> int:
+    """A tile's accumulator budget (``budget``: measured on AVX-512's 32 vector registers)
+    on a CPU with ``registers``: the same share of them. On AVX2's 16, a grouped tile of 16
+    accumulators left none for the loaded inputs and weights, and spilled: 4x4 blocks' median
+    layer fell below per kernel's (1.32x against 1.40x of dense); with 8, 16->16 32x32 nchw
+    forward / grad-input rose from 1.06 / 1.02x to 2.14 / 1.85x (session 10, ``kernels.py
+    --isa avx2`` and in-process A/Bs; 12 accumulators 1.26x, 6 1.64x)."""
+    return max(1, budget * registers // 32)
+
+
+def choose_chwn_rows(height: int, width: int, group: int = 1, budget: int = CHWN_ACCUMULATORS) -> int:
+    """Whole rows per chwn tile (of each of ``group`` layout rows): as many as ``budget``
+    accumulators hold, padding <= 15 %."""
     best = 1
-    for r in range(1, max(1, min(height, CHWN_ACCUMULATORS // (width * group))) + 1):
+    for r in range(1, max(1, min(height, budget // (width * group))) + 1):
         if _round_up(height, r) <= 1.15 * height:
             best = r
     return best
+
+
+def chwn_tile(height: int, width: int, block: int, registers: int) -> tuple[int, int, int]:
+    """(row group, rows, columns) of a chwn output tile. The accumulator budget follows the
+    register file (``accumulators``), except where ``CHWN_ACCUMULATORS`` itself holds the
+    whole map: a whole-map tile skips the taps on the zero border (``SKIP_ZERO_TAPS``), and
+    that outweighs some spilling. Measured on AVX2 (``kernels.py --isa avx2`` and A/Bs,
+    session 10, forward / grad-input of dense): 256->512 4x4 per kernel 1.74x / 1.47x with the
+    whole map, 1.29x / 1.33x in halves; 512->512 2x2 in 4x4 blocks 2.26x / 1.39x against
+    1.90x / 1.18x; where the map does not fit either way, the halved budget won (64->64 8x8
+    1.26x -> 1.46x, 4x4 blocks on 128->256 8x8 0.60x -> 1.79x)."""
+    def tile(budget: int) -> tuple[int, int, int]:
+        group = 1  # a power of two (as ``block`` is) with a tile's row of accumulators each
+        columns = chwn_x_tile(width, block) or width
+        while 2 * group <= min(block, MAX_ROW_GROUP, budget // columns):
+            group *= 2
+        return group, choose_chwn_rows(height, columns, group, budget), columns
+    group, rows, columns = tile(CHWN_ACCUMULATORS)
+    if rows >= height and columns == width:
+        return group, rows, columns
+    return tile(accumulators(CHWN_ACCUMULATORS, registers))
 
 
 CHWN_BLOCK_BYTES = 96 * 1024  # a chwn task's block of source channels (one batch block's input), kept in L2
@@ -205,10 +236,11 @@ MAX_ROW_GROUP = 4  # rows of the layout one task may compute together (choose_ro
 GROUPED_ACCUMULATORS = 16  # vector registers a grouped nchw tile holds (all its rows' accumulators)
 
 
-def choose_row_group(block: int, lanes: int, simd_lanes: int) -> tuple[int, int]:
+def choose_row_group(block: int, lanes: int, simd_lanes: int, registers: int = 32) -> tuple[int, int]:
     """(rows of the layout per task, tile rows) of an nchw direct conv whose layout rows come
     in groups of ``block`` equal rows (``row_group_of``). Grouped rows share every input load,
-    so the tile grows to ``GROUPED_ACCUMULATORS`` vectors. Measured on AVX-512 (forward,
+    so the tile grows to ``GROUPED_ACCUMULATORS`` vectors (half of AVX-512's 32 registers,
+    of AVX2's 16: ``accumulators``). Measured on AVX-512 (forward,
     4/9, docs/performance.md): one register per row, 4 rows of a group x 4 tile rows
     (64->128 16x16 2.64x of dense, against 1.80x ungrouped), 2 x 8 about as fast as 2 x 4;
     two registers per row (32 lanes), 2 x 4 (3.56x) beat 4 x 2 (2.93x)."""
@@ -216,7 +248,7 @@ def choose_row_group(block: int, lanes: int, simd_lanes: int) -> tuple[int, int]
     group = min(block, max(1, 4 // vectors))
     if group == 1:
         return 1, choose_rows(lanes, simd_lanes)
-    return group, min(8, GROUPED_ACCUMULATORS // (group * vectors))
+    return group, max(1, min(8, accumulators(GROUPED_ACCUMULATORS, registers) // (group * vectors)))
 
 
 CHWN_X_TILE = 4  # chwn: output columns per tile on wider rows where ids come in groups of 4 (0: whole rows)
@@ -239,16 +271,12 @@ def _tile(layout: str, height: int, width: int, target: KernelTarget, cuda: bool
           block: int = 1) -> tuple[int, int, int, int, int]:
     """(row group, rows, lanes, padded height, padded width) of a direct-conv output tile."""
     if layout == "chwn":  # lanes along the batch; the tile is whole output rows, or tiles of them (chwn_x_tile)
-        group = 1  # a power of two (as ``block`` is) with a tile's row of accumulators each
-        tile_w = chwn_x_tile(width, block) or width
-        while 2 * group <= min(block, MAX_ROW_GROUP, CHWN_ACCUMULATORS // tile_w):
-            group *= 2
-        rows = choose_chwn_rows(height, tile_w, group)
+        group, rows, _ = chwn_tile(height, width, block, target.vector_registers)
         return group, rows, target.simd_lanes, _round_up(height, rows), width
     if cuda:
         return 1, 1, 1, height, width
     lanes = choose_lanes(width, target.simd_lanes)
-    group, rows = choose_row_group(block, lanes, target.simd_lanes)
+    group, rows = choose_row_group(block, lanes, target.simd_lanes, target.vector_registers)
     return group, rows, lanes, _round_up(height, rows), _round_up(width, lanes)
 
 
@@ -275,7 +303,7 @@ def grad_weight_group(target: KernelTarget, layout: str = "nchw", pixels: int = 
     if target.name == "cuda":
         return 1
     wide = full and (layout == "chwn" or 0 < pixels <= GRAD_WEIGHT_WIDE_PIXELS)
-    return GRAD_WEIGHT_WIDE_GROUP if wide and target.simd_lanes >= 16 else GRAD_WEIGHT_GROUP
+    return GRAD_WEIGHT_WIDE_GROUP if wide and target.vector_registers >= 32 else GRAD_WEIGHT_GROUP
 
 
 GRAD_WEIGHT_SLICE_BYTES = 1024 * 1024  # nchw grad-weight: a slice of the batch's output gradient and input

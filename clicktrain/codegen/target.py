@@ -14,12 +14,20 @@ class KernelTarget:
     spec: tuple          # the tvm.target.Target config, as sorted (key, value) pairs
     description: str     # stable text used in cache keys and reports
     simd_lanes: int      # float32 lanes of one vector register (CPU); threads per warp (CUDA)
+    # vector registers the kernels' register tiles share (x86: AVX-512 32, AVX2 and older 16)
+    vector_registers: int = 32
 
     @property
     def tvm_target(self):
         """Built on demand: only compiling needs it (a runtime-only TVM can load kernels)."""
         import tvm
         return tvm.target.Target(dict(self.spec))
+
+
+def vector_registers(lanes: int) -> int:
+    """Vector registers of an x86 CPU whose float32 vectors have ``lanes``: AVX-512 has 32,
+    AVX2, AVX and SSE 16."""
+    return 32 if lanes >= 16 else 16
 
 
 def _cpu_flags() -> set[str]:
@@ -42,7 +50,8 @@ def resolve_target(name: str) -> KernelTarget:
                           original=exc) from None
     if name == "llvm":
         cpu, lanes = _llvm_cpu()
-        return KernelTarget("llvm", (("kind", "llvm"), ("mcpu", cpu)), f"llvm -mcpu={cpu}", lanes)
+        return KernelTarget("llvm", (("kind", "llvm"), ("mcpu", cpu)), f"llvm -mcpu={cpu}", lanes,
+                            vector_registers(lanes))
     if name == "cuda":
         arch = _cuda_arch()
         return KernelTarget("cuda", (("arch", arch), ("kind", "cuda")), f"cuda -arch={arch}", 32)
