@@ -1,6 +1,7 @@
 """The trainer and `clicktrain train`: learning, pruning, outputs, resume, data formats."""
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -50,6 +51,31 @@ def test_llvm_training_races_generated_kernels_against_torch(tmp_path, fashion_d
     model = torch.load(tmp_path / "off" / "checkpoint.pt", weights_only=False)["model"]
     ids = [v for k, v in model.items() if k.endswith("pattern_ids")]
     assert ids and all(torch.equal(i, i[::2, ::2].repeat_interleave(2, 0).repeat_interleave(2, 1)) for i in ids)
+
+
+@pytest.mark.slow
+def test_main_job_trains_on_generated_kernels_by_default(tmp_path, fashion_dir):
+    """`clicktrain train` (the README's main job) with no --target: the ClickTrain method runs
+    its hardened convs on the generated llvm kernels, in a process restarted with the short
+    OpenMP spin; the baselines stay on torch."""
+    proc = subprocess.run([sys.executable, "-m", "clicktrain.cli", "train", "--data", str(fashion_dir), "--model",
+                           "vgg_small", "--width", "1.0", "--epochs", "2", "--choose", "0", "--hard", "1",
+                           "--train-subset", "600", "--threads", "2", "--no-kernel-race", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final["target"] == "llvm" and final["phase"] == "hard" and final["compression_ratio"] > 4.0
+    assert "| target llvm |" in proc.stdout and "kernel compile:" in proc.stdout
+    assert "GOMP_SPINCOUNT" not in proc.stderr  # restarted with it: no warning about a missing wait setting
+    from clicktrain.cli import _resolve_target, build_parser
+    for method, target in [("clicktrain", "llvm"), ("admm", "torch"), ("dense", "torch"), ("prunetrain", "torch")]:
+        args = build_parser().parse_args(["train", "--method", method])
+        _resolve_target(args)
+        assert args.target == target
+    args = build_parser().parse_args(["train", "--target", "torch"])
+    _resolve_target(args)
+    assert args.target == "torch"
 
 
 @pytest.mark.slow
