@@ -35,6 +35,25 @@ def hardened_conv(out_c, in_c, stride, padding, dilation, connectivity, seed=0, 
     return conv, (weight * mask.mask()), mask
 
 
+@pytest.fixture
+def avx512_plans(monkeypatch):
+    """Plans made as on an AVX-512 CPU (16 lanes, 32 vector registers), whatever CPU runs the
+    tests: the plan expectations below are AVX-512's, and the kernels still run anywhere
+    (compiled for this CPU, LLVM splits a 16-lane vector into what it has)."""
+    import dataclasses
+    import sys
+    import clicktrain.codegen.target as target_module
+    real, original = target_module.resolve_target("llvm"), target_module.resolve_target
+    wide = real if real.simd_lanes == 16 else dataclasses.replace(
+        real, simd_lanes=16, vector_registers=32, description=f"{real.description} planned as AVX-512")
+
+    def resolve(name):
+        return wide if name == "llvm" else original(name)
+    monkeypatch.setattr(target_module, "resolve_target", resolve)
+    monkeypatch.setattr(sys.modules[__name__], "resolve_target", resolve)
+    return wide
+
+
 def planned(in_c, out_c, hw, stride, target_name):
     """The kernel plan and generated sources of a 3x3 conv (padding 1) over a fixed library."""
     from clicktrain.codegen.kernels import ConvGeometry, kernel_sources, plan_kernels
@@ -122,7 +141,7 @@ GROUPED = [  # case as in GRID, pattern block, expected (forward, grad-input) ro
 
 
 @pytest.mark.parametrize("case,block,groups", GROUPED, ids=[f"{g[1][0]}x{g[1][1]}_{g[0][3]}x{g[0][4]}" for g in GROUPED])
-def test_grouped_rows_match_masked_dense_conv(case, block, groups):
+def test_grouped_rows_match_masked_dense_conv(case, block, groups, avx512_plans):
     """Coarser pattern granularity: rows of a block share their runs and one task computes
     them together; every kind still equals the masked dense conv, and the plan really groups."""
     conv = check_against_masked_dense_conv(case, block)
@@ -130,7 +149,7 @@ def test_grouped_rows_match_masked_dense_conv(case, block, groups):
     assert (plan.forward.row_group, plan.grad_input.row_group) == groups
 
 
-def test_chwn_tiles_of_columns_for_groups_of_four():
+def test_chwn_tiles_of_columns_for_groups_of_four(avx512_plans):
     """Before: a chwn tile was whole output rows, so 8-wide rows held groups of 2 (16
     accumulators). Expected: with ids in groups of 4, 4 rows of the layout x 4 columns (the
     loaded input vectors a tile needs fall from 10 to 6 per row of taps); numerics as the
@@ -705,7 +724,7 @@ def test_cuda_grad_weight_reduces_across_threads():
     assert steps == [f"if tx < {h}:" for h in (64, 32, 16, 8, 4, 2, 1)] + ["if tx < 4 and j < kk:"]
 
 
-def test_narrow_rows_of_many_kernels_take_chwn_per_kernel():
+def test_narrow_rows_of_many_kernels_take_chwn_per_kernel(avx512_plans):
     """Rows narrower than a vector (14 of 16 lanes) take the batch-in-lanes layout where each
     row has its own kernels and keeps 48+ of them on average; nchw keeps rows of fewer kept
     kernels, rows that fill vectors, and rows in groups of equal patterns (they share loads
@@ -790,7 +809,7 @@ def test_cuda_direct_conv_splits_long_runs_of_small_maps():
     assert "red" not in unsplit[1][unsplit[0].forward.name]
 
 
-def test_direct_conv_stores_the_true_output_size():
+def test_direct_conv_stores_the_true_output_size(avx512_plans):
     """An nchw tile grid that overhangs the output stores straight into the true-size output
     (no crop copy afterwards): rows past the height are skipped, the overhanging column tile
     stores its 30 valid lanes of 32 as vectors of 16, 8, 4 and 2 (before session 6: lane by
