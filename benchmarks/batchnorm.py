@@ -1,6 +1,7 @@
-"""BatchNorm in training mode (+ ReLU, + residual add): the generated kernels
+"""BatchNorm in training mode (+ ReLU, + residual add, or + ReLU + 2x2 max pool): the generated kernels
 (``GeneratedBatchNorm``, what ``FuseBatchNorm`` puts in an llvm graph) against torch's ops,
-forward and forward + backward, per activation shape of VGG-11 and ResNet-20 at batch 64.
+forward and forward + backward, per activation shape of VGG-11 and ResNet-20 at batch 64,
+and of the main job's VGG-11/4 blocks with their pools (1x28x28 input, ``ceil_mode``).
 
 It runs under the OpenMP setting of training on llvm (``GOMP_SPINCOUNT=2000``, as
 ``train_step.py``), since a BatchNorm sits between other ops of a step: under the per-kernel
@@ -40,7 +41,9 @@ from clicktrain.runtime.batchnorm import GeneratedBatchNorm  # noqa: E402
 # and VGG-11's layers at 32x32 input
 CASES = [(16, 32, 32, "bn_relu"), (16, 32, 32, "bn_add_relu"), (32, 16, 16, "bn_relu"), (32, 16, 16, "bn_add_relu"),
          (64, 8, 8, "bn_relu"), (64, 8, 8, "bn_add_relu"), (64, 32, 32, "bn_relu"), (128, 16, 16, "bn_relu"),
-         (256, 8, 8, "bn_relu"), (512, 4, 4, "bn_relu"), (512, 2, 2, "bn_relu")]
+         (256, 8, 8, "bn_relu"), (512, 4, 4, "bn_relu"), (512, 2, 2, "bn_relu"),
+         (16, 28, 28, "bn_relu_maxpool"), (32, 14, 14, "bn_relu_maxpool"), (64, 7, 7, "bn_relu_maxpool"),
+         (128, 4, 4, "bn_relu_maxpool"), (128, 2, 2, "bn_relu_maxpool")]
 
 
 def timed(fns: dict, rounds: int, evict, block: int = 3) -> dict:
@@ -71,7 +74,7 @@ def main() -> None:
     threads = set_threads(args.threads)
     print(header(threads))
     print(f"batch {args.batch}; ms, median of {args.rounds} rounds; ratio = torch / generated")
-    print(f"{'shape':<16} {'fused':<12} {'fwd hot':>16} {'fwd+bwd hot':>18} {'fwd cold':>16} {'fwd+bwd cold':>18}")
+    print(f"{'shape':<16} {'fused':<16} {'fwd hot':>16} {'fwd+bwd hot':>18} {'fwd cold':>16} {'fwd+bwd cold':>18}")
     target = resolve_target("llvm")
     scratch = torch.empty(16 << 20)
 
@@ -81,14 +84,15 @@ def main() -> None:
         torch.manual_seed(0)
         shape = (args.batch, c, h, w)
         bn = torch.nn.BatchNorm2d(c)
-        generated = GeneratedBatchNorm(bn, "bn", fusion, target)
+        pooled = fusion == "bn_relu_maxpool"
+        generated = GeneratedBatchNorm(bn, "bn", fusion, target, pool_ceil=pooled)
         x = torch.randn(shape, requires_grad=True)
         residual = torch.randn(shape, requires_grad=True) if fusion == "bn_add_relu" else None
-        dy = torch.randn(shape)
+        dy = torch.randn(args.batch, c, -(-h // 2), -(-w // 2)) if pooled else torch.randn(shape)
 
         def plain():
-            y = bn(x)
-            return F.relu(y if residual is None else y + residual)
+            y = F.relu(bn(x) if residual is None else bn(x) + residual)
+            return F.max_pool2d(y, 2, 2, ceil_mode=True) if pooled else y
 
         def ours():
             return generated(x, residual)
@@ -100,7 +104,7 @@ def main() -> None:
             for kind in ("fwd", "both"):
                 mine, theirs = t[f"ours {kind}"] * 1e3, t[f"torch {kind}"] * 1e3
                 cells.append(f"{mine:5.2f}/{theirs:5.2f} {theirs / mine:4.1f}x")
-        print(f"{f'{c}x{h}x{w}':<16} {fusion:<12} " + " ".join(f"{cell:>17}" for cell in cells), flush=True)
+        print(f"{f'{c}x{h}x{w}':<16} {fusion:<16} " + " ".join(f"{cell:>17}" for cell in cells), flush=True)
     print("cells: generated ms / torch ms, ratio")
 
 

@@ -8,14 +8,17 @@ one kernel per direction reads each tensor about as often as BatchNorm alone did
 at hardening, when the convs around it move to generated kernels too: between torch convs
 the cores would change thread pools twice per BatchNorm, which cost more than it saved.
 
-Three rules, tried longest first on every ``nn.BatchNorm2d`` call:
+Four rules, tried longest first on every ``nn.BatchNorm2d`` call:
 
-    bn_add_relu:  relu(bn(x) + r)  ->  self.clicktrain_batchnorm.bn(x, r)
-    bn_relu:      relu(bn(x))      ->  self.clicktrain_batchnorm.bn(x)
-    bn:           bn(x)            ->  self.clicktrain_batchnorm.bn(x)
+    bn_add_relu:      relu(bn(x) + r)             ->  self.clicktrain_batchnorm.bn(x, r)
+    bn_relu_maxpool:  max_pool2d(relu(bn(x)), 2)  ->  self.clicktrain_batchnorm.bn(x)
+    bn_relu:          relu(bn(x))                 ->  self.clicktrain_batchnorm.bn(x)
+    bn:               bn(x)                       ->  self.clicktrain_batchnorm.bn(x)
 
 A rule applies only where every intermediate value has that one user (nothing else reads
-``bn(x)`` or the sum) and ``r`` has ``bn(x)``'s shape and dtype (no broadcasting). The
+``bn(x)``, the sum or the ReLU's output) and ``r`` has ``bn(x)``'s shape and dtype (no
+broadcasting); the pool must be 2x2 with stride 2, no padding or dilation, no indices
+returned (``ceil_mode`` either way; sizes its windows do not cover once run torch's ops). The
 ``nn.BatchNorm2d`` stays registered at its path: parameter names and the state_dict do not
 change. ``unfuse_batchnorm`` puts the plain ops back (for export).
 
@@ -76,15 +79,48 @@ def _residual_of_add(node: fx.Node | None, value: fx.Node) -> fx.Node | None:
     return other
 
 
-def match_batchnorm(gm: fx.GraphModule, bn: fx.Node) -> tuple[str, list[fx.Node], fx.Node | None]:
-    """(fusion, the nodes it replaces, bn first and its output last, the residual or None)."""
+POOL_FUNCTIONS = (F.max_pool2d, torch.max_pool2d)
+POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+
+
+def _pool_2x2_ceil(gm: fx.GraphModule, node: fx.Node | None, value: fx.Node) -> bool | None:
+    """``ceil_mode`` where ``node`` is a 2x2, stride-2 max pool of ``value`` (no padding,
+    dilation or indices), else None."""
+    if node is None or not node.args or node.args[0] is not value:
+        return None
+    if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.MaxPool2d and len(node.args) == 1:
+        pool = gm.get_submodule(node.target)
+        given = {name: getattr(pool, name) for name in POOL_ARGS}
+    elif node.op == "call_function" and node.target in POOL_FUNCTIONS:
+        given = dict(zip(POOL_ARGS, node.args[1:]), **node.kwargs)
+        if not set(given) <= set(POOL_ARGS):
+            return None
+    else:
+        return None
+
+    def pair(v, default):
+        v = default if v is None or (isinstance(v, (list, tuple)) and not v) else v
+        return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+    kernel = pair(given.get("kernel_size"), None)
+    if (kernel, pair(given.get("stride"), kernel), pair(given.get("padding"), 0), pair(given.get("dilation"), 1)) \
+            != ((2, 2), (2, 2), (0, 0), (1, 1)) or given.get("return_indices", False):
+        return None
+    return bool(given.get("ceil_mode", False))
+
+
+def match_batchnorm(gm: fx.GraphModule, bn: fx.Node) -> tuple[str, list[fx.Node], fx.Node | None, bool]:
+    """(fusion, the nodes it replaces, bn first and its output last, the residual or None,
+    the pool's ceil_mode)."""
     user = _only_user(bn)
     residual = _residual_of_add(user, bn)
     if residual is not None and _is_relu_of(gm, _only_user(user), user):
-        return "bn_add_relu", [bn, user, _only_user(user)], residual
+        return "bn_add_relu", [bn, user, _only_user(user)], residual, False
     if _is_relu_of(gm, user, bn):
-        return "bn_relu", [bn, user], None
-    return "bn", [bn], None
+        ceil = _pool_2x2_ceil(gm, _only_user(user), user)
+        if ceil is not None:
+            return "bn_relu_maxpool", [bn, user, _only_user(user)], None, ceil
+        return "bn_relu", [bn, user], None, False
+    return "bn", [bn], None, False
 
 
 def _is_batchnorm_call(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -108,7 +144,7 @@ class FuseBatchNorm(ClicktrainPass):
         self.fused, self.sources = [], {}
         if not self.active:
             return PassResult(gm, False)
-        from ..codegen.batchnorm import BatchNormSpec, batchnorm_kernels
+        from ..codegen.batchnorm import batchnorm_kernels
         from ..codegen.target import resolve_target
         from ..runtime.batchnorm import GeneratedBatchNorm
         target = resolve_target("llvm")
@@ -119,17 +155,17 @@ class FuseBatchNorm(ClicktrainPass):
             if not _is_batchnorm_call(gm, node):
                 continue
             bn = gm.get_submodule(node.target)
-            fusion, replaced, residual = match_batchnorm(gm, node)
+            fusion, replaced, residual, ceil = match_batchnorm(gm, node)
             key = node.target.replace(".", "_")
             while key in modules:
                 key += "_"
-            modules[key] = GeneratedBatchNorm(bn, node.target, fusion, target)
+            module = modules[key] = GeneratedBatchNorm(bn, node.target, fusion, target, pool_ceil=ceil)
             seconds = 0.0
             shape = node.meta.get("tensor_meta")
-            if shape is not None and len(shape.shape) == 4:  # the compile-time size now, others on first use
+            # the compile-time size now, others on first use
+            if shape is not None and len(shape.shape) == 4 and module.pool_fits(*shape.shape[2:]):
                 started = time.perf_counter()
-                n, c, h, w = shape.shape
-                kernels = batchnorm_kernels(BatchNormSpec(c, h * w, fusion, float(bn.eps), target.simd_lanes), target)
+                kernels = batchnorm_kernels(module.spec(shape.shape), target)
                 self.sources.update({f"{name}.tir.py": src for name, src in kernels.sources.items()})
                 seconds = time.perf_counter() - started
                 # the pruning report's compile time counts these kernels too
@@ -181,6 +217,8 @@ def unfuse_batchnorm(gm: fx.GraphModule) -> None:
                 out = gm.graph.call_function(operator.add, (out, node.args[1]))
             if module.fusion != "bn":
                 out = gm.graph.call_function(F.relu, (out,))
+            if module.pooled:
+                out = gm.graph.call_function(F.max_pool2d, (out, 2, 2), {"ceil_mode": module.pool_ceil})
         out.meta = dict(node.meta)
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)

@@ -21,12 +21,12 @@ from .kernel_call import call_kernel
 
 class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, kernels):
+    def forward(ctx, x, weight, bias, residual, kernels, out_hw):
         n, c = x.shape[:2]
         # detached: DLPack refuses tensors that require grad (autograd sees this function whole)
         x, weight, bias = (t.detach().contiguous() for t in (x, weight, bias))
         residual = None if residual is None else residual.detach().contiguous()
-        y = torch.empty_like(x)
+        y = x.new_empty((n, c, *out_hw))  # pooled: a quarter of x
         stats = torch.empty(5, c)  # mean, 1/sqrt(var + eps), biased var, scale, shift
         dummy = stats[0, :1]
         flat = (n, c, -1)
@@ -49,20 +49,32 @@ class _BatchNormFunction(torch.autograd.Function):
         call_kernel(ctx.kernels.backward, dy.contiguous().view(flat), x.view(flat),
                     dummy if y is None else y.view(flat), stats, dx.view(flat),
                     dummy if dres is None else dres.view(flat), dparams)
-        return dx, dparams[0], dparams[1], dres, None
+        return dx, dparams[0], dparams[1], dres, None, None
 
 
 class GeneratedBatchNorm(nn.Module):
-    """``fusion(bn, x[, residual])`` with ``fusion`` one of ``codegen.batchnorm.FUSIONS``."""
+    """``fusion(bn, x[, residual])`` with ``fusion`` one of ``codegen.batchnorm.FUSIONS``;
+    ``bn_relu_maxpool`` ends in ``max_pool2d(., 2, 2, ceil_mode=pool_ceil)``."""
 
-    def __init__(self, bn: nn.BatchNorm2d, bn_target: str, fusion: str, target):
+    def __init__(self, bn: nn.BatchNorm2d, bn_target: str, fusion: str, target, pool_ceil: bool = False):
         super().__init__()
         object.__setattr__(self, "bn", bn)  # not registered: it stays the model's, at its own path
-        self.bn_target, self.fusion, self.target = bn_target, fusion, target
+        self.bn_target, self.fusion, self.target, self.pool_ceil = bn_target, fusion, target, pool_ceil
         self.generated = True  # False: torch's ops (pattern_conv.set_generated, with the convs)
 
     def extra_repr(self) -> str:
-        return f"{self.fusion} of {self.bn_target}"
+        pool = f", pool ceil_mode={self.pool_ceil}" if self.pooled else ""
+        return f"{self.fusion} of {self.bn_target}{pool}"
+
+    @property
+    def pooled(self) -> bool:
+        return self.fusion == "bn_relu_maxpool"
+
+    def spec(self, shape) -> BatchNormSpec:
+        """The kernels' spec for an input of ``shape`` (N, C, H, W)."""
+        _, c, h, w = shape
+        return BatchNormSpec(c, h * w, self.fusion, float(self.bn.eps), self.target.simd_lanes,
+                             width=w if self.pooled else 0, ceil=self.pool_ceil and self.pooled)
 
     def _uses_batch_statistics(self) -> bool:
         return self.bn.training or self.bn.running_mean is None
@@ -74,7 +86,8 @@ class GeneratedBatchNorm(nn.Module):
                          self._uses_batch_statistics(), self._momentum(), bn.eps)
         if residual is not None:
             y = y + residual
-        return F.relu(y) if self.fusion != "bn" else y
+        y = F.relu(y) if self.fusion != "bn" else y
+        return F.max_pool2d(y, 2, 2, ceil_mode=self.pool_ceil) if self.pooled else y
 
     def _counts_batches(self) -> bool:
         bn = self.bn
@@ -90,7 +103,12 @@ class GeneratedBatchNorm(nn.Module):
     def _runs_generated(self, x, residual) -> bool:
         return (self.generated and self._uses_batch_statistics() and x.device.type == "cpu" and x.dtype == torch.float32
                 and x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] > 1  # else torch's own error
-                and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)))
+                and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))
+                and self.pool_fits(x.shape[2], x.shape[3]))
+
+    def pool_fits(self, h: int, w: int) -> bool:
+        """Whether the pool's windows cover an ``h x w`` map once each (else torch's ops run)."""
+        return not self.pooled or self.pool_ceil or (h % 2 == 0 and w % 2 == 0)
 
     def forward(self, x, residual=None):
         bn = self.bn
@@ -99,11 +117,11 @@ class GeneratedBatchNorm(nn.Module):
         if not self._runs_generated(x, residual):
             return self._torch(x, residual)
         n, c, h, w = x.shape
-        kernels = batchnorm_kernels(BatchNormSpec(c, h * w, self.fusion, float(bn.eps), self.target.simd_lanes),
-                                    self.target)
+        kernels = batchnorm_kernels(self.spec(x.shape), self.target)
         weight = bn.weight if bn.weight is not None else torch.ones(c)
         bias = bn.bias if bn.bias is not None else torch.zeros(c)
-        y, stats = _BatchNormFunction.apply(x, weight, bias, residual, kernels)
+        out_hw = (-(-h // 2), -(-w // 2)) if self.pooled else (h, w)
+        y, stats = _BatchNormFunction.apply(x, weight, bias, residual, kernels, out_hw)
         if bn.training and bn.running_mean is not None:
             count = n * h * w
             momentum = self._momentum()
