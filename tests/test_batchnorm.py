@@ -255,32 +255,23 @@ def test_fuse_batchnorm_takes_the_max_pool_before_expected():
     torch.testing.assert_close(gm(x), reference_model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_fused_resnet_trains_evaluates_and_exports_as_torch(tmp_path):
-    """A hardened ResNet-style model on llvm (generated convs and BatchNorms) gives torch's
-    loss, gradients and running statistics over two SGD steps, the same outputs in eval
-    mode, and an ONNX export with BatchNormalization nodes that onnxruntime agrees with."""
-    import onnx
-    import onnxruntime as ort
-    torch.manual_seed(0)
-    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+def hardened_pair(name: str, x, width: float, connectivity: float, dump=None) -> dict:
+    """The same built-in model, hardened on "torch" and on "llvm" (``dump``: the llvm one's debug dump)."""
     models = {}
     for target in ("torch", "llvm"):
         torch.manual_seed(0)
-        m = ct.compile_for_training(build_model("resnet20", 3, 10, width=0.5), x[:2], target=target,
-                                    config=ct.PruneConfig(connectivity=0.3),
-                                    debug_dir=tmp_path / "dump" if target == "llvm" else None)
+        m = ct.compile_for_training(build_model(name, x.shape[1], 10, width=width), x[:2], target=target,
+                                    config=ct.PruneConfig(connectivity=connectivity),
+                                    debug_dir=dump if target == "llvm" else None)
         ct.select_patterns(m)
         ct.harden(m)
         models[target] = m
-    assert len(models["llvm"].clicktrain_batchnorm) == 21  # the stem, 9 blocks x 2, 2 shortcuts
-    table = (tmp_path / "dump" / "010_fuse_batchnorm.txt").read_text()
-    assert "## generated BatchNorm (llvm)" in table and "layers.8.bn2" in table and "bn_add_relu" in table
-    # each kind of (fusion, channels, pixels) once, forward and backward: (bn_relu, bn_add_relu) at three
-    # sizes, the shortcuts' bn at two
-    sources = list((tmp_path / "dump").glob("010_fuse_batchnorm.ct_*.tir.py"))
-    assert len(sources) == 16 and all("T.prim_func" in p.read_text() for p in sources)
-    report = ct.pruning_report(models["llvm"])
-    assert "layers.8.bn2 (BatchNorm)" in report.compile_seconds and "layers.8.conv2" in report.compile_seconds
+    return models
+
+
+def trains_evaluates_and_exports_as_torch(models: dict, x, y, tmp_path):
+    """Two SGD steps of the "llvm" and "torch" models give the same loss, weights and running
+    statistics, eval mode the same outputs; returns the llvm model's ONNX export and output."""
     losses = {}
     for target, m in models.items():
         opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
@@ -297,7 +288,28 @@ def test_fused_resnet_trains_evaluates_and_exports_as_torch(tmp_path):
     with torch.no_grad():
         out = models["llvm"](x)
         torch.testing.assert_close(out, models["torch"](x), rtol=1e-3, atol=1e-4)
-    path = ct.export_onnx(models["llvm"], tmp_path / "m.onnx", x[:1])
+    return ct.export_onnx(models["llvm"], tmp_path / "m.onnx", x[:1]), out
+
+
+def test_fused_resnet_trains_evaluates_and_exports_as_torch(tmp_path):
+    """A hardened ResNet-style model on llvm (generated convs and BatchNorms) gives torch's
+    loss, gradients and running statistics over two SGD steps, the same outputs in eval
+    mode, and an ONNX export with BatchNormalization nodes that onnxruntime agrees with."""
+    import onnx
+    import onnxruntime as ort
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    models = hardened_pair("resnet20", x, 0.5, 0.3, tmp_path / "dump")
+    assert len(models["llvm"].clicktrain_batchnorm) == 21  # the stem, 9 blocks x 2, 2 shortcuts
+    table = (tmp_path / "dump" / "010_fuse_batchnorm.txt").read_text()
+    assert "## generated BatchNorm (llvm)" in table and "layers.8.bn2" in table and "bn_add_relu" in table
+    # each kind of (fusion, channels, pixels) once, forward and backward: (bn_relu, bn_add_relu) at three
+    # sizes, the shortcuts' bn at two
+    sources = list((tmp_path / "dump").glob("010_fuse_batchnorm.ct_*.tir.py"))
+    assert len(sources) == 16 and all("T.prim_func" in p.read_text() for p in sources)
+    report = ct.pruning_report(models["llvm"])
+    assert "layers.8.bn2 (BatchNorm)" in report.compile_seconds and "layers.8.conv2" in report.compile_seconds
+    path, out = trains_evaluates_and_exports_as_torch(models, x, y, tmp_path)
     assert "BatchNormalization" in [n.op_type for n in onnx.load(str(path)).graph.node]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], out.numpy(), rtol=1e-4, atol=1e-4)
@@ -312,35 +324,12 @@ def test_fused_vgg_with_pools_trains_evaluates_and_exports_as_torch(tmp_path):
     import onnxruntime as ort
     torch.manual_seed(0)
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
-    models = {}
-    for target in ("torch", "llvm"):
-        torch.manual_seed(0)
-        m = ct.compile_for_training(build_model("vgg11", 1, 10, width=0.25), x[:2], target=target,
-                                    config=ct.PruneConfig(connectivity=0.5))
-        ct.select_patterns(m)
-        ct.harden(m)
-        models[target] = m
+    models = hardened_pair("vgg11", x, 0.25, 0.5)
     fusions = [b.fusion for b in models["llvm"].clicktrain_batchnorm.values()]
     assert fusions.count("bn_relu_maxpool") == 5 and fusions.count("bn_relu") == 3
     gm = models["llvm"]
     assert not any(isinstance(gm.get_submodule(n.target), nn.MaxPool2d) for n in gm.graph.nodes if n.op == "call_module")
-    losses = {}
-    for target, m in models.items():
-        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-        for _ in range(2):
-            opt.zero_grad()
-            loss = F.cross_entropy(m(x), y)
-            loss.backward()
-            opt.step()
-        losses[target] = loss.item()
-    assert losses["llvm"] == pytest.approx(losses["torch"], rel=1e-4)
-    torch.testing.assert_close(models["llvm"].state_dict(), models["torch"].state_dict(), rtol=1e-3, atol=1e-4)
-    for m in models.values():
-        m.eval()
-    with torch.no_grad():
-        out = models["llvm"](x)
-        torch.testing.assert_close(out, models["torch"](x), rtol=1e-3, atol=1e-4)
-    path = ct.export_onnx(models["llvm"], tmp_path / "m.onnx", x[:1])
+    path, out = trains_evaluates_and_exports_as_torch(models, x, y, tmp_path)
     assert [n.op_type for n in onnx.load(str(path)).graph.node].count("MaxPool") == 5
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], out.numpy(), rtol=1e-4, atol=1e-4)
