@@ -143,7 +143,7 @@ def main() -> None:
           f"{gen + ' vs dense':>14}{'  fp32 ms  vs fp32' if cuda else '  torch-BN ms vs dense'}"
           f"  generated kinds (fwd/dgrad/wgrad) per layer")
     if not cuda:
-        print("llvm runs BatchNorm (+ ReLU, + residual add) on generated kernels (PruneConfig.fuse_batchnorm); "
+        print("llvm runs BatchNorm (+ ReLU, + residual add or max pool) on generated kernels (PruneConfig.fuse_batchnorm); "
               "'torch-BN' = the same llvm model with torch's BatchNorm (what the generated convs alone give)")
     for name in args.models:
         for size in args.sizes:
