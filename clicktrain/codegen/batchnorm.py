@@ -255,7 +255,10 @@ def batchnorm_backward_llvm(s: BatchNormSpec) -> str:
 
     def g(b, i):
         """dy where the ReLU passed: torch's mask (no gradient where y <= 0), as a select (TVM
-        lowers if_then_else to a branch per element: 8x slower)."""
+        lowers if_then_else to a branch per element: 8x slower). Pooled: what the windows'
+        pass routed into ``dx``."""
+        if s.pooled:
+            return f"dx[{b}, c, {i}]"
         if not s.relu:
             return f"dy[{b}, c, {i}]"
         before = f"y[{b}, c, {i}]" if s.residual else _normalised(b, i, "m[6]", "m[7]")
@@ -264,29 +267,18 @@ def batchnorm_backward_llvm(s: BatchNormSpec) -> str:
     def sums(b, i, v):
         lines = [f"sg[{v}] = sg[{v}] + {g(b, i)}", f"sgx[{v}] = sgx[{v}] + {g(b, i)} * (x[{b}, c, {i}] - m[0])"]
         return lines + ([f"dres[{b}, c, {i}] = {g(b, i)}"] if s.residual else [])
-    lines += _zero(["sg", "sgx"], s, 8)
     if s.pooled:
-        # scalar sums in a buffer of their own, indexed by constants only (LLVM keeps it in
-        # registers; ``sg``, read by a loop index below, stays in memory)
-        lines += ['        ps = T.alloc_buffer((8,), "float32", scope="global")'] + \
-            [f"        ps[{k}] = T.float32(0)" for k in range(8)]
+        # each window routes its pooled gradient to its winner, into dx (pass 0, scalar);
+        # the sums and dx then run vectorised over dx in place, as without the pool
         lines += _over_windows(s, 8, lambda b, o, taps: _window_winner(b, taps, "m[6]", "m[7]", f"dy[{b}, c, {o}]") + [
-            line for k, tap in enumerate(taps) for line in (
-                f"ps[{k}] = ps[{k}] + {_pooled_g(b, o, k)}",
-                f"ps[{k + 4}] = ps[{k + 4}] + {_pooled_g(b, o, k)} * (x[{b}, c, {tap}] - m[0])")])
-        lines += [f"        sg[{k}] = ps[{k}]" for k in range(4)] + [f"        sgx[{k}] = ps[{k + 4}]" for k in range(4)]
-    else:
-        lines += _over_channel(s, 8, sums)
+            f"dx[{b}, c, {tap}] = {_pooled_g(b, o, k)}" for k, tap in enumerate(taps)])
+    lines += _zero(["sg", "sgx"], s, 8)
+    lines += _over_channel(s, 8, sums)
     lines += _sum_lanes(s, [("m[2]", "sg"), ("m[3]", "sgx")], 8) + [
         "        dparams[0, c] = m[3] * m[1]",
         "        dparams[1, c] = m[2]",
         f"        m[4] = m[2] / {count}",
         f"        m[5] = m[1] * m[1] * m[3] / {count}"]
-    if s.pooled:
-        lines += _over_windows(s, 8, lambda b, o, taps: _window_winner(b, taps, "m[6]", "m[7]", f"dy[{b}, c, {o}]") + [
-            f"dx[{b}, c, {tap}] = m[6] * ({_pooled_g(b, o, k)} - m[4] - (x[{b}, c, {tap}] - m[0]) * m[5])"
-            for k, tap in enumerate(taps)])
-        return "\n".join(lines) + "\n"
     lines += _over_channel(s, 8, lambda b, i, v: [
         f"dx[{b}, c, {i}] = m[6] * ({f'dres[{b}, c, {i}]' if s.residual else g(b, i)} - m[4]"
         f" - (x[{b}, c, {i}] - m[0]) * m[5])"])
