@@ -499,6 +499,33 @@ def test_autotune_measures_once_and_remembers(tmp_path, monkeypatch):
         sparser(x, sparse_w, None)
 
 
+def test_tuning_warms_the_generated_kernels_before_timing(monkeypatch):
+    """Before: one warm-up call, and the first layer tuned in a process (its first TVM calls)
+    sometimes lost to torch by its cold start. Expected: each generated kind runs
+    ``WARMUP_CALLS`` times before the first timed round."""
+    import clicktrain.machine as machine
+    import clicktrain.runtime.pattern_conv as pc
+    conv, masked_w, _ = hardened_conv(8, 8, 1, 1, 1, 0.0, seed=5)
+    kernels = conv.kernels_for((9, 9), masked_w.shape)
+    runner = pc.LayerRunner(kernels, conv.index_for(masked_w.device, kernels))
+    calls, seen = [], []
+    real_forward, real_timing = pc.LayerRunner.forward, machine.fastest_alternating
+
+    def counting(self, *args):
+        if self.use.get("forward"):
+            calls.append("generated forward")
+        return real_forward(self, *args)
+
+    def timing(fns, rounds=9):
+        seen.append(len(calls))
+        return real_timing(fns, rounds)
+    monkeypatch.setattr(pc.LayerRunner, "forward", counting)
+    monkeypatch.setattr(machine, "fastest_alternating", timing)
+    timings = runner.tune((4, 8, 9, 9), masked_w, None)
+    assert seen and seen[0] == pc.WARMUP_CALLS >= 3  # every warm-up call came before the first timing
+    assert set(timings) == {"forward", "grad_input", "grad_weight"}
+
+
 def compiled_pair(name, connectivity=0.3, block=(1, 1)):
     from zoo import zoo
     factory, x = zoo()[name]
