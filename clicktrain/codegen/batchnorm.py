@@ -25,9 +25,9 @@ backward -- ``g = dy`` where the ReLU passed (else 0) [and the residual's gradie
 the forward writes only the pooled output, a quarter of the tensor, and the backward
 recomputes each window's winner from x (torch's rule: the first largest in row-major order)
 instead of reading saved indices, routing the pooled gradient to it in dx (one scalar pass
-over the windows); the sums and dx then run over dx in place, vectorised. Windows cover every element once (a
-``ceil_mode`` pool on odd sizes has partial windows at the last row and column; without
-``ceil_mode`` the sizes must be even). Measured (session 10, VGG-11/4's blocks): torch's
+over the windows); the sums and dx then run over dx in place, vectorised. Windows cover
+every element once (a ``ceil_mode`` pool on odd sizes has partial windows at the last row
+and column; without ``ceil_mode`` the sizes must be even). Measured (session 10, VGG-11/4's blocks): torch's
 ``max_pool2d`` in training mode took 3 ns an element, more than its BatchNorm.
 
 The batch is symbolic (one kernel serves every batch size); channels, pixels per channel,
@@ -153,21 +153,25 @@ def _over_windows(s: BatchNormSpec, indent: int, body) -> list[str]:
 def _window_winner(b: str, taps: list[str], scale: str, shift: str, gradient: str = "") -> list[str]:
     """Lines putting the ReLU's output at each tap in ``r``, the window's maximum in ``win[0]``
     and its winning tap in ``arg``, as torch's max_pool2d picks it: the first largest in
-    row-major order. (Its rule also lets a NaN win; after a BatchNorm a NaN makes its whole
-    channel's statistics, so every value of the channel, NaN, and the first tap is as good.) The backward's
-    pooled ``gradient`` goes to ``win[1]`` first: loaded unconditionally, so that the selects
-    on it stay selects (a load under a select became a branch per tap)."""
+    row-major order. (Its rule also lets a NaN win; after a BatchNorm a NaN in x makes its
+    channel's statistics NaN, hence every value of the channel, and the first tap wins either
+    way.) The backward's pooled ``gradient`` goes to ``win[1]`` first, loaded unconditionally:
+    under a select, the load made LLVM emit a branch per tap, mispredicted on random data
+    (backward 4.3 ms against 1.0-1.3 for 64x16x28x28)."""
     lines = [f"win[1] = {gradient}"] if gradient else []
-    for k, tap in enumerate(taps):
-        value = _normalised(b, tap, scale, shift)
-        lines.append(f"r[{k}] = T.Select({value} < T.float32(0), T.float32(0), {value})")
-    # the winning tap as a float: integer selects became branches (x86 cmov to branch), one
-    # misprediction per window on random data (backward 4.3 ms against 0.2 for 64x16x28x28)
+    lines += [f"r[{k}] = {_relu(_normalised(b, tap, scale, shift))}" for k, tap in enumerate(taps)]
+    # the winning tap as a float, so that every select of the window is a float select
     lines += ["win[0] = r[0]", "arg[0] = T.float32(0)"]
     for k in range(1, len(taps)):
         takes = f"r[{k}] > win[0]"
         lines += [f"arg[0] = T.Select({takes}, T.float32({k}), arg[0])", f"win[0] = T.Select({takes}, r[{k}], win[0])"]
     return lines
+
+
+def _relu(value: str) -> str:
+    """Zero where negative, as a select that keeps a NaN (a max would turn it into 0, hiding
+    divergence)."""
+    return f"T.Select({value} < T.float32(0), T.float32(0), {value})"
 
 
 def _normalised(b: str, i: str, scale: str, shift: str) -> str:
@@ -210,9 +214,7 @@ def batchnorm_forward_llvm(s: BatchNormSpec) -> str:
 
     def out(b, i, v):
         value = _normalised(b, i, "m[2]", "m[3]") + (f" + res[{b}, c, {i}]" if s.residual else "")
-        # zero where negative, as a select that keeps a NaN (a max would turn it into 0, hiding divergence)
-        relu = f"T.Select({value} < T.float32(0), T.float32(0), {value})"
-        return [f"y[{b}, c, {i}] = " + (relu if s.relu else value)]
+        return [f"y[{b}, c, {i}] = " + (_relu(value) if s.relu else value)]
     if s.pooled:
         lines += _over_windows(s, 8, lambda b, o, taps: _window_winner(b, taps, "m[2]", "m[3]") +
                                [f"y[{b}, c, {o}] = win[0]"])
