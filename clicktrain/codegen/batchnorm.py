@@ -78,11 +78,17 @@ class BatchNormSpec:
         return self.pixels // self.width
 
     @property
+    def pooled_hw(self) -> tuple[int, int]:
+        """(H, W) of the pooled output (``ceil_mode``, or even sizes: one formula)."""
+        return -(-self.height // 2), -(-self.width // 2)
+
+    @property
     def out_pixels(self) -> int:
         """Pixels per channel of the output: the pooled map's, or the input's."""
         if not self.pooled:
             return self.pixels
-        return -(-self.height // 2) * -(-self.width // 2)
+        oh, ow = self.pooled_hw
+        return oh * ow
 
     def name(self, kind: str) -> str:
         eps = f"{self.eps:.3g}".replace(".", "p").replace("-", "m")
@@ -224,7 +230,8 @@ def batchnorm_forward_llvm(s: BatchNormSpec) -> str:
 
 
 def _window_buffers(s: BatchNormSpec) -> list[str]:
-    """A pool window's ReLU outputs, its maximum and its winning tap (scalars LLVM keeps in registers)."""
+    """A pool window's ReLU outputs (``r``), its maximum (``win[0]``; ``win[1]``: the backward's
+    pooled gradient) and its winning tap (``arg``): scalars LLVM keeps in registers."""
     if not s.pooled:
         return []
     return ['        r = T.alloc_buffer((4,), "float32", scope="global")',

@@ -75,7 +75,7 @@ def _llvm_cpu() -> tuple[str, int]:
     flags, wanted = _cpu_flags(), os.environ.get(LLVM_CPU_VAR, "").strip()
     if not wanted:
         # "mcpu": "native" silently falls back to a generic CPU without SIMD: ask LLVM instead
-        return codegen.llvm_get_system_cpu(), 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+        return codegen.llvm_get_system_cpu(), _lanes(flags)
     import tvm
     if not codegen.llvm_is_valid_cpu(wanted, "x86_64-unknown-linux-gnu"):
         raise TargetError(f"{LLVM_CPU_VAR}={wanted!r} is not a CPU LLVM knows: use an LLVM -mcpu name such as "
@@ -86,7 +86,13 @@ def _llvm_cpu() -> tuple[str, int]:
     if missing:
         raise TargetError(f"{LLVM_CPU_VAR}={wanted!r} needs {', '.join(missing)}, which this CPU lacks: its kernels "
                           f"would die on an illegal instruction. Name an older CPU (x86-64-v3 for AVX2) or unset it")
-    return wanted, 16 if "avx512f" in features else 8 if "avx2" in features else 4
+    return wanted, _lanes(features)
+
+
+def _lanes(features: set[str]) -> int:
+    """float32 lanes of the widest vectors among ``features`` (cpuinfo flags or LLVM features,
+    which spell these two alike)."""
+    return 16 if "avx512f" in features else 8 if "avx2" in features else 4
 
 
 def _cpuinfo_name(feature: str) -> str:

@@ -117,11 +117,11 @@ class GeneratedBatchNorm(nn.Module):
         if not self._runs_generated(x, residual):
             return self._torch(x, residual)
         n, c, h, w = x.shape
-        kernels = batchnorm_kernels(self.spec(x.shape), self.target)
+        spec = self.spec(x.shape)
         weight = bn.weight if bn.weight is not None else torch.ones(c)
         bias = bn.bias if bn.bias is not None else torch.zeros(c)
-        out_hw = (-(-h // 2), -(-w // 2)) if self.pooled else (h, w)
-        y, stats = _BatchNormFunction.apply(x, weight, bias, residual, kernels, out_hw)
+        y, stats = _BatchNormFunction.apply(x, weight, bias, residual, batchnorm_kernels(spec, self.target),
+                                            spec.pooled_hw if self.pooled else (h, w))
         if bn.training and bn.running_mean is not None:
             count = n * h * w
             momentum = self._momentum()

@@ -39,6 +39,7 @@ FWD_INDEX = ("fwd_widx", "fwd_ptr", "fwd_src", "fwd_perm")
 BWD_INDEX = ("bwd_widx", "bwd_ptr", "bwd_src", "bwd_perm")
 GRAD_WEIGHT_INDEX = ("gw_filter", "gw_channel", "gw_weight_index", "gw_pattern_ptr")
 TUNING_METHOD = "glue-min-snake-warm3x9"  # part of the tuning key: choices made by an older LayerRunner.tune are not reused
+WARMUP_CALLS = 3  # per generated kernel before LayerRunner.tune times it
 
 
 class LayerRunner:
@@ -191,13 +192,11 @@ class LayerRunner:
         def fastest(a, b):
             best = fastest_alternating({"generated": a, "dense": b}, repeats)
             return best["generated"], best["dense"]
+        calls = {"forward": [lambda r=r: r.forward(x, w, bias) for r in (generated, dense)],
+                 "grad_input": [lambda r=r: r.grad_input(dout, w, tuple(x.shape)) for r in (generated, dense)]}
         for _ in range(WARMUP_CALLS):
-            generated.forward(x, w, bias), generated.grad_input(dout, w, tuple(x.shape))
-            generated.grad_weight(dout, x, None, w)
-
-        timings = {"forward": fastest(lambda: generated.forward(x, w, bias), lambda: dense.forward(x, w, bias)),
-                   "grad_input": fastest(lambda: generated.grad_input(dout, w, tuple(x.shape)),
-                                         lambda: dense.grad_input(dout, w, tuple(x.shape)))}
+            calls["forward"][0](), calls["grad_input"][0](), generated.grad_weight(dout, x, None, w)
+        timings = {kind: fastest(*pair) for kind, pair in calls.items()}
         # grad-weight reuses the forward's padded input only if the generated forward runs
         shared = timings["forward"][0] < timings["forward"][1] and self.kernels.plan.grad_weight_reads_forward_input
         xpad = self.pad_input(x) if shared else None
@@ -208,9 +207,6 @@ class LayerRunner:
 
     def _with(self, **use) -> "LayerRunner":
         return LayerRunner(self.kernels, self.index, dict(self.use, **use))
-
-
-WARMUP_CALLS = 3  # per generated kernel before LayerRunner.tune times it
 
 
 class _PatternConvFunction(torch.autograd.Function):
