@@ -268,34 +268,41 @@ def test_row_groups_are_found_only_where_ids_repeat():
         FilterKernelLayout.build(lib, ids, row_group=2)
 
 
+@pytest.fixture
+def llvm_cpu(monkeypatch):
+    """``llvm_cpu(name)`` sets ``$CLICKTRAIN_LLVM_CPU`` for this test; ``resolve_target``'s
+    cached answer is dropped then and again afterwards, so no other test sees that CPU."""
+    def use(cpu: str) -> None:
+        monkeypatch.setenv("CLICKTRAIN_LLVM_CPU", cpu)
+        resolve_target.cache_clear()
+    yield use
+    monkeypatch.delenv("CLICKTRAIN_LLVM_CPU", raising=False)
+    resolve_target.cache_clear()
+
+
 @pytest.mark.parametrize("cpu,lanes,isa", [("x86-64-v3", 8, "avx2"), ("x86-64-v2", 4, "sse4_2")], ids=["avx2", "sse4.2"])
-def test_older_cpus_kernels_match_masked_dense_conv(cpu, lanes, isa, monkeypatch):
+def test_older_cpus_kernels_match_masked_dense_conv(cpu, lanes, isa, llvm_cpu):
     """Machines differ (AVX2-only ones have 8 float lanes and 16 vector registers):
     ``$CLICKTRAIN_LLVM_CPU`` makes LLVM generate for an older CPU, which this one executes.
     The kernels planned for it (other tiles, chwn blocks of 8 or 4 images, other layout
     choices) compiled with its instructions only, still equal the masked dense conv."""
     if isa not in _cpu_flags():
         pytest.skip(f"this CPU lacks {isa}")
-    monkeypatch.setenv("CLICKTRAIN_LLVM_CPU", cpu)
-    resolve_target.cache_clear()
-    try:
-        target = resolve_target("llvm")
-        assert (target.simd_lanes, target.description) == (lanes, f"llvm -mcpu={cpu}")
-        for case, block in [(GROUPED[0][0], (4, 4)), (GROUPED[8][0], (4, 4))]:  # grouped nchw, whole-map chwn
-            check_against_masked_dense_conv(case, block)
-        for case in [GRID[1], GRID[6], GRID[8], GRID[9], (3, 12, 20, 8, 8, 1, 1, 1, 0.3, True)]:
-            conv = check_against_masked_dense_conv(case)
-        plan = conv.kernels_for((8, 8), (20, 12, 3, 3)).plan
-        assert plan.forward.lanes == lanes  # planned for the older CPU's vectors
-        import tvm
-        from clicktrain.codegen.kernels import kernel_sources
-        asm = tvm.compile(tvm.script.from_source(kernel_sources(plan, target)[plan.forward.name]),
-                          target=target.tvm_target).mod.inspect_source("asm")
-        assert "vfmadd" in asm or lanes == 4  # FMA: AVX2's; SSE4.2 multiplies and adds
-        assert "zmm" not in asm and ("ymm" in asm) == (lanes == 8)  # its vectors, none wider
-    finally:
-        monkeypatch.delenv("CLICKTRAIN_LLVM_CPU")
-        resolve_target.cache_clear()
+    llvm_cpu(cpu)
+    target = resolve_target("llvm")
+    assert (target.simd_lanes, target.description) == (lanes, f"llvm -mcpu={cpu}")
+    for case, block in [(GROUPED[0][0], (4, 4)), (GROUPED[8][0], (4, 4))]:  # grouped nchw, whole-map chwn
+        check_against_masked_dense_conv(case, block)
+    for case in [GRID[1], GRID[6], GRID[8], GRID[9], (3, 12, 20, 8, 8, 1, 1, 1, 0.3, True)]:
+        conv = check_against_masked_dense_conv(case)
+    plan = conv.kernels_for((8, 8), (20, 12, 3, 3)).plan
+    assert plan.forward.lanes == lanes  # planned for the older CPU's vectors
+    import tvm
+    from clicktrain.codegen.kernels import kernel_sources
+    asm = tvm.compile(tvm.script.from_source(kernel_sources(plan, target)[plan.forward.name]),
+                      target=target.tvm_target).mod.inspect_source("asm")
+    assert "vfmadd" in asm or lanes == 4  # FMA: AVX2's; SSE4.2 multiplies and adds
+    assert "zmm" not in asm and ("ymm" in asm) == (lanes == 8)  # its vectors, none wider
 
 
 def test_tiles_follow_the_register_file():
@@ -319,19 +326,14 @@ def test_tiles_follow_the_register_file():
 
 @pytest.mark.parametrize("cpu,error", [("bogus-cpu", "not a CPU LLVM knows"),
                                        ("sapphirerapids", "which this CPU lacks")])
-def test_llvm_cpu_override_refuses_what_cannot_run_here(cpu, error, monkeypatch):
+def test_llvm_cpu_override_refuses_what_cannot_run_here(cpu, error, llvm_cpu):
     """A misspelt CPU, or one whose instructions this machine lacks (its kernels would die on
     an illegal instruction), is refused before anything compiles, naming the variable."""
     if cpu == "sapphirerapids" and "avx512_fp16" in _cpu_flags():
         pytest.skip("this CPU runs Sapphire Rapids code")
-    monkeypatch.setenv("CLICKTRAIN_LLVM_CPU", cpu)
-    resolve_target.cache_clear()
-    try:
-        with pytest.raises(ct.TargetError, match=f"CLICKTRAIN_LLVM_CPU='{cpu}'.*{error}"):
-            resolve_target("llvm")
-    finally:
-        monkeypatch.delenv("CLICKTRAIN_LLVM_CPU")
-        resolve_target.cache_clear()
+    llvm_cpu(cpu)
+    with pytest.raises(ct.TargetError, match=f"CLICKTRAIN_LLVM_CPU='{cpu}'.*{error}"):
+        resolve_target("llvm")
 
 
 def test_grad_input_on_gathered_weights_matches_masked_dense_conv(monkeypatch):
