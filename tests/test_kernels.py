@@ -638,7 +638,7 @@ def test_a_cached_kernel_that_does_not_load_is_rebuilt_with_a_warning(tmp_path, 
     built, broken = tmp_path / "built", tmp_path / "broken"
     monkeypatch.setenv("CLICKTRAIN_CACHE", str(built))
     monkeypatch.setattr(kernel_cache, "_loaded", {})
-    monkeypatch.setattr(kernel_cache, "_load_warned", False)
+    monkeypatch.setattr(kernel_cache, "_warned", set())
     conv, masked_w, _ = hardened_conv(8, 8, 1, 1, 1, 0.0, seed=5)
     conv.kernels_for((6, 6), masked_w.shape)
     # the same file names in another folder (a library loaded from its path once is not read again)
@@ -682,6 +682,56 @@ def test_compile_cache_reuses_kernels(tmp_path, monkeypatch):
     other, _, _ = hardened_conv(8, 8, 1, 1, 1, 0.0, seed=4, n_patterns=6)
     other.kernels_for((9, 9), (8, 8, 3, 3))
     assert len(list(tmp_path.glob("*.so"))) == built + 3
+
+
+BROKEN_KERNEL = """
+@T.prim_func
+def ct_broken(a: T.handle):
+    A = T.match_buffer(a, (4,), "float32")
+    for i in range(4):
+        A[i] = B[i]
+"""
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_compile_workers_build_what_this_process_would(tmp_path, monkeypatch, workers):
+    """Kernels built by the compile workers (the default, one per core) or here (0) load and
+    compute the same; a kernel TVM rejects is a ClicktrainError naming it either way, its
+    source saved, and no library is left in the cache."""
+    monkeypatch.setenv("CLICKTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setenv("CLICKTRAIN_COMPILE_WORKERS", workers)
+    monkeypatch.setattr(kernel_cache, "_loaded", {})
+    conv, masked_w, _ = hardened_conv(12, 10, 1, 1, 1, 0.3, seed=7)
+    x = torch.randn(3, 10, 11, 9)
+    torch.testing.assert_close(conv(x, masked_w, None), F.conv2d(x, masked_w, None, 1, 1), rtol=1e-4, atol=1e-4)
+    assert (kernel_cache._pool is None) == (workers == "0")
+    with pytest.raises(ct.ClicktrainError, match="TVM failed to compile kernel ct_broken .*saved in") as caught:
+        kernel_cache.compile_cached("ct_broken", BROKEN_KERNEL, resolve_target("llvm"))
+    assert "\n" not in str(caught.value)
+    assert (tmp_path / "failed" / "ct_broken.tir.py").read_text() == BROKEN_KERNEL
+    assert not list(tmp_path.glob("ct_broken*")) and not list(tmp_path.glob(".*"))
+
+
+def test_a_compile_worker_that_dies_is_replaced_by_building_here(tmp_path, monkeypatch):
+    """Workers that cannot start (or die) cost speed, not the build; a bad worker count is a
+    clear error."""
+    monkeypatch.setenv("CLICKTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernel_cache, "_loaded", {})
+    exits = tmp_path / "exits.py"
+    exits.write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.setattr(kernel_cache, "_WORKER_SCRIPT", str(exits))
+    monkeypatch.setenv("CLICKTRAIN_COMPILE_WORKERS", "3")  # a new pool, with the dying script
+    monkeypatch.setattr(kernel_cache, "_warned", set())
+    conv, masked_w, _ = hardened_conv(8, 8, 2, 1, 1, 0.0, seed=2)
+    x = torch.randn(2, 8, 10, 10)
+    with pytest.warns(RuntimeWarning, match="compile worker failed .*exit status 3.*building in this process") as caught:
+        out = conv(x, masked_w, None)
+    assert len(caught) == 1
+    torch.testing.assert_close(out, F.conv2d(x, masked_w, None, 2, 1), rtol=1e-4, atol=1e-4)
+    assert len(list(tmp_path.glob("*.so"))) >= 3
+    monkeypatch.setenv("CLICKTRAIN_COMPILE_WORKERS", "two")
+    with pytest.raises(ct.ConfigError, match="CLICKTRAIN_COMPILE_WORKERS='two'"):
+        kernel_cache.compile_workers()
 
 
 def test_report_and_dump_show_generated_kernels(tmp_path):

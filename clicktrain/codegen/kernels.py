@@ -561,38 +561,48 @@ class LayerKernels:
     @classmethod
     def build(cls, geom: ConvGeometry, library: torch.Tensor, target: KernelTarget,
               row_groups: tuple[int, int] = (1, 1), row_kernels: tuple[float, float] | None = None) -> "LayerKernels":
+        return cls.start(geom, library, target, row_groups, row_kernels)()
+
+    @classmethod
+    def start(cls, geom: ConvGeometry, library: torch.Tensor, target: KernelTarget,
+              row_groups: tuple[int, int] = (1, 1), row_kernels: tuple[float, float] | None = None):
+        """Start building the layer's kernels (``cache.start_compile``) and return a function
+        that collects them: start several layers, then collect, and the compile workers stay busy."""
         plan = plan_kernels(geom, library, target, row_groups, row_kernels)
         sources = kernel_sources(plan, target)
-        kernels = cls(plan, target, sources)
         runnable = target.name != "cuda" or cuda_available()
-        # start every build, then collect: each .so is linked while the next kernel builds
+        # start every build, then collect: they build side by side (and link while the next builds)
         started = [start_compile(spec.name, sources[spec.name], target, load=runnable) for spec in plan.specs]
         copies = {role: start_compile(spec.name, sources[spec.name], target) for role, spec in plan.relayouts.items()}
-        funcs, modules = [], []
-        for spec, result in zip(plan.specs, started):
-            module, seconds, hit = result()
-            kernels.compile_seconds += seconds
-            kernels.cache_hits += int(hit)
-            modules.append(module)
-            funcs.append(module[spec.name] if runnable else None)
-        kernels.forward, *grad_input, kernels.grad_weight = funcs
-        if plan.grad_input_phases:
-            kernels.grad_input_phases = tuple(grad_input)
-        else:
-            kernels.grad_input = grad_input[0]
-        kernels._modules = modules
         gather = gather_name(plan.grad_input.k)
         if plan.grad_input.gathered_weight:
             copies[gather] = start_compile(gather, sources[gather], target)
-        for role, result in copies.items():
-            module, seconds, hit = result()
-            kernels.compile_seconds += seconds
-            kernels.cache_hits += int(hit)
-            if role == gather:
-                kernels.gather_weights = module[gather]
+
+        def collect() -> "LayerKernels":
+            kernels = cls(plan, target, sources)
+            funcs, modules = [], []
+            for spec, result in zip(plan.specs, started):
+                module, seconds, hit = result()
+                kernels.compile_seconds += seconds
+                kernels.cache_hits += int(hit)
+                modules.append(module)
+                funcs.append(module[spec.name] if runnable else None)
+            kernels.forward, *grad_input, kernels.grad_weight = funcs
+            if plan.grad_input_phases:
+                kernels.grad_input_phases = tuple(grad_input)
             else:
-                kernels.relayouts[role] = module[plan.relayouts[role].name]
-        return kernels
+                kernels.grad_input = grad_input[0]
+            kernels._modules = modules
+            for role, result in copies.items():
+                module, seconds, hit = result()
+                kernels.compile_seconds += seconds
+                kernels.cache_hits += int(hit)
+                if role == gather:
+                    kernels.gather_weights = module[gather]
+                else:
+                    kernels.relayouts[role] = module[plan.relayouts[role].name]
+            return kernels
+        return collect
 
     def source_hash(self) -> str:
         """Short hash of the kernels' sources: changes whenever the generated code does."""

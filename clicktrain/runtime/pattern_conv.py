@@ -241,6 +241,7 @@ class PatternConv2d(nn.Module):
         self.target = target
         object.__setattr__(self, "_mask", mask)  # not a submodule: it lives in clicktrain_masks
         self._kernels: dict = {}   # ((H, W), row groups) -> LayerKernels
+        self._starting: dict = {}  # the same keys -> a function that collects kernels being built
         self._index = None         # (state key, device, LayerIndex)
         self._groups = None        # (state key, row_groups())
         self._use: dict = {}       # (input shape, kept kernels) -> {kind: generated?}, measured on first use
@@ -258,7 +259,7 @@ class PatternConv2d(nn.Module):
     def __getstate__(self):
         # compiled kernels and index arrays are caches: copies and pickles rebuild them lazily
         state = dict(self.__dict__)
-        state["_kernels"], state["_index"], state["_use"], state["_groups"] = {}, None, {}, None
+        state["_kernels"], state["_starting"], state["_index"], state["_use"], state["_groups"] = {}, {}, None, {}, None
         return state
 
     def _rows(self) -> tuple[tuple[int, int], tuple[float, float]]:
@@ -292,12 +293,20 @@ class PatternConv2d(nn.Module):
     def has_kernels_for(self, in_hw: tuple[int, int], weight_shape) -> bool:
         return self._kernels_key(in_hw, weight_shape)[0] in self._kernels
 
-    def kernels_for(self, in_hw: tuple[int, int], weight_shape):
+    def start_kernels(self, in_hw: tuple[int, int], weight_shape) -> None:
+        """Start compiling the kernels for this input size, to be collected by ``kernels_for``:
+        start every layer first, and the compile workers build several layers at once."""
         from ..codegen.kernels import LayerKernels
         key, geom, target = self._kernels_key(in_hw, weight_shape)
-        if key not in self._kernels:
+        if key not in self._kernels and key not in self._starting:
             groups, row_kernels = self._rows()
-            kernels = LayerKernels.build(geom, self._mask.library.cpu(), target, groups, row_kernels)
+            self._starting[key] = LayerKernels.start(geom, self._mask.library.cpu(), target, groups, row_kernels)
+
+    def kernels_for(self, in_hw: tuple[int, int], weight_shape):
+        key = self._kernels_key(in_hw, weight_shape)[0]
+        if key not in self._kernels:
+            self.start_kernels(in_hw, weight_shape)
+            kernels = self._starting.pop(key)()
             self.compile_seconds += kernels.compile_seconds
             self._kernels[key] = kernels
         return self._kernels[key]

@@ -77,7 +77,8 @@ class PruningReport(ConvRatios):
                      f"sharing one pattern, dropped together)")
         if self.compile_seconds:
             text += (f"\nkernel compile: {sum(self.compile_seconds.values()):.2f} s for {len(self.compile_seconds)} "
-                     f"layers, convs and BatchNorms (0 s = loaded from the cache)")
+                     f"layers, convs and BatchNorms (wall time, each layer's wait for its kernels: 0 s = loaded from "
+                     f"the cache, or built while an earlier layer was waited for)")
         return text
 
 
