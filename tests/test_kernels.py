@@ -324,6 +324,28 @@ def test_tiles_follow_the_register_file():
     assert grad_weight_group(KernelTarget("llvm", (), "t", 16, 32), "chwn") == 4
 
 
+def test_chwn_task_order_follows_the_l2_cache():
+    """Before: a row group's weights walked the images first beyond 768 KiB, Zen 4's 1 MiB L2
+    in mind; on Zen 3 (512 KiB) 256->512 4x4 forward (590 KiB a group) ran 0.97-1.07x of
+    dense rows-first and 1.61-1.65x images-first. Expected: the threshold follows the core's
+    L2 (three quarters of it); the machine's own is read from sysfs."""
+    import dataclasses
+    from clicktrain.codegen.kernels import ConvGeometry, plan_kernels
+    from clicktrain.codegen.target import _l2_bytes
+    avx2 = dataclasses.replace(resolve_target("llvm"), simd_lanes=8, vector_registers=16)
+    library = ct.patterns.fixed_library(4, 8)
+
+    def images_first(l2: int, c: int, o: int, hw: int) -> tuple[bool, bool]:
+        plan = plan_kernels(ConvGeometry.of((o, c, 3, 3), (hw, hw), 1, 1, 1), library,
+                            dataclasses.replace(avx2, l2_bytes=l2))
+        assert plan.forward.layout == plan.grad_input.layout == "chwn"
+        return plan.forward.batch_inner, plan.grad_input.batch_inner
+    assert images_first(1 << 20, 256, 512, 4) == (False, True)   # 590 KiB of forward weights a group
+    assert images_first(512 << 10, 256, 512, 4) == (True, True)
+    assert images_first(512 << 10, 128, 256, 4) == (False, False)  # 147 KiB: rows first either way
+    assert 64 << 10 <= _l2_bytes() <= 64 << 20
+
+
 @pytest.mark.parametrize("cpu,error", [("bogus-cpu", "not a CPU LLVM knows"),
                                        ("sapphirerapids", "which this CPU lacks")])
 def test_llvm_cpu_override_refuses_what_cannot_run_here(cpu, error, llvm_cpu):
@@ -357,7 +379,7 @@ def test_chwn_kernels_in_channel_blocks_match_masked_dense_conv(batch_inner, blo
     dense conv."""
     import clicktrain.codegen.kernels as K
     monkeypatch.setattr(K, "CHWN_BLOCK_BYTES", 2 * 6 * 6 * 16 * 4)
-    monkeypatch.setattr(K, "CHWN_WEIGHT_BYTES", 0 if batch_inner else 1 << 40)
+    monkeypatch.setattr(K, "CHWN_WEIGHT_L2_SHARE", 0 if batch_inner else 1 << 40)
     plan = K.plan_kernels(K.ConvGeometry(5, 11, 4, 4, (1, 1), (1, 1), (1, 1)), ct.patterns.fixed_library(4, 4),
                           resolve_target("llvm"))
     assert plan.forward.layout == plan.grad_input.layout == "chwn"
@@ -414,8 +436,10 @@ def test_grad_weight_blocks_group_kernels_by_channel_and_pattern():
 @pytest.mark.parametrize("simd", [8, 16])
 def test_layout_choice_per_kernel_kind(simd):
     """Expected layouts: batch-in-lanes (chwn) forward/grad-input on rows of <= 8 (wider ones:
-    test_narrow_rows_...), grad-weight on rows up to half a vector (session 8: unpadded
-    8-wide rows too); the grid above covers each mix."""
+    test_narrow_rows_...), grad-weight on rows up to 8 (session 8: unpadded 8-wide rows too).
+    Before session 11 grad-weight's limit was half a vector, 4 on AVX2, whose 7- and 8-wide
+    rows then ran nchw on an input copy of their own (0.71-0.77x of dense on Zen 3 against
+    chwn's 1.42-1.70x). The grid above covers each mix."""
     from clicktrain.codegen.kernels import ConvGeometry, plan_kernels
     from clicktrain.codegen.target import KernelTarget
     cpu = KernelTarget("llvm", (), "test", simd, vector_registers(simd))
@@ -426,10 +450,9 @@ def test_layout_choice_per_kernel_kind(simd):
         return tuple(spec.layout for spec in (plan.forward, plan.grad_input, plan.grad_weight))
     assert layouts(4, 1) == ("chwn", "chwn", "chwn")
     assert layouts(8, 2) == ("chwn", "chwn", "chwn")
-    half_vector = "chwn" if simd == 16 else "nchw"
-    assert layouts(16, 2) == ("chwn", "nchw", half_vector)
-    assert layouts(7, 1) == ("chwn", "chwn", half_vector)
-    assert layouts(8, 1) == ("chwn", "chwn", half_vector)
+    assert layouts(16, 2) == ("chwn", "nchw", "chwn")  # 8-wide output rows
+    assert layouts(7, 1) == ("chwn", "chwn", "chwn")
+    assert layouts(8, 1) == ("chwn", "chwn", "chwn")
     assert layouts(28, 1) == ("nchw", "nchw", "nchw")
     plan = plan_kernels(ConvGeometry.of((8, 8, 3, 3), (4, 4), 1, 1, 1), library, cpu)
     assert plan.forward.lanes == simd and plan.forward.out_w == 4 and plan.forward.out_h % plan.forward.rows == 0
@@ -849,14 +872,15 @@ def test_grad_weight_takes_chwn_on_padded_rows_narrower_than_a_vector():
     """nchw pads a 14-wide row to 16 lanes; grad-weight reads it batch-in-lanes instead, as it
     does every row up to half a vector. Rows that fill vectors stay nchw, 28-wide ones too (32
     lanes, measured mixed), strided layers too, and layers whose filters keep fewer than 24
-    kernels (the copies cost more than they save); on AVX2 (8 lanes) nothing changes."""
+    kernels (the copies cost more than they save); on AVX2 (8 lanes) rows up to 8 take chwn
+    (session 11), wider ones fill vectors."""
     from clicktrain.codegen.kernels import ConvGeometry, choose_layouts
 
     def layout(hw, lanes=16):
         return choose_layouts(ConvGeometry(32, 32, hw, hw, (1, 1), (1, 1), (1, 1)), lanes, False)[2]
     assert [layout(hw) for hw in (4, 7, 8, 13, 14, 16, 28, 32)] == \
         ["chwn", "chwn", "chwn", "chwn", "chwn", "nchw", "nchw", "nchw"]
-    assert [layout(hw, lanes=8) for hw in (4, 7, 8, 14)] == ["chwn", "nchw", "nchw", "nchw"]
+    assert [layout(hw, lanes=8) for hw in (4, 7, 8, 14)] == ["chwn", "chwn", "chwn", "nchw"]
     strided = ConvGeometry(16, 16, 28, 28, (2, 2), (1, 1), (1, 1))  # 14-wide output rows
     assert choose_layouts(strided, 16, False)[2] == "nchw"  # reads the forward's column phases
     sparse = ConvGeometry(32, 32, 14, 14, (1, 1), (1, 1), (1, 1))

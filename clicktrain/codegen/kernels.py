@@ -111,7 +111,8 @@ def choose_rows(lanes: int, simd_lanes: int) -> int:
 CHWN_ACCUMULATORS = 16  # vector registers the chwn tile may hold, with 32 in all (accumulators())
 CHWN_DIRECT_MAX_WIDTH = 8  # forward / grad-input: chwn up to this output row width
 CHWN_NARROW_ROW_KERNELS = 48  # ... and, per kernel, on any row narrower than a vector with this many kept kernels
-CHWN_GRAD_WEIGHT_HALF_VECTOR = True  # grad-weight: chwn on every row up to half a vector (False: padded ones or <= 4)
+CHWN_GRAD_WEIGHT_HALF_VECTOR = True  # grad-weight: chwn on every row up to half a vector (False: padded ones or <= 4),
+CHWN_GRAD_WEIGHT_MAX_WIDTH = 8  # ... and up to this width on any CPU (a whole AVX2 vector)
 CHWN_GRAD_WEIGHT_PADDED = True  # grad-weight: chwn also on rows of 9 to a vector's width less one that nchw pads,
 CHWN_GRAD_WEIGHT_PADDED_KERNELS = 24  # ... where filters keep this many kernels on average
 
@@ -130,7 +131,12 @@ def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool, row_groups: 
     0.8-1.6x against 0.6-1.0x). On unpadded 8-wide rows nchw was as fast or faster in session
     5; in session 8, with the forward's chwn input shared, chwn won 15 of 16 comparisons on
     64->64, 128->256, 256->256 and 32->64 8x8 (per kernel and 4x4 blocks, 4/9 and 0.222:
-    1.69-3.67x against 1.11-3.14x; ``CHWN_GRAD_WEIGHT_HALF_VECTOR``).
+    1.69-3.67x against 1.11-3.14x; ``CHWN_GRAD_WEIGHT_HALF_VECTOR``). On AVX2 (8 lanes) half
+    a vector is 4, and 7- and 8-wide rows ran grad-weight in nchw, on an input copy of its own
+    (the forward's is chwn there): on Zen 3 (session 11, ``--vary layout``, per kernel, 4/9)
+    chwn ran 64->64 8x8 1.91x against 1.59x, 256->256 8x8 1.44x against 0.72x, 64->64 7x7
+    1.82x against 1.32x, 128->256 7x7 1.42x against 0.71x: so rows up to
+    ``CHWN_GRAD_WEIGHT_MAX_WIDTH`` take chwn on any CPU.
     Session 8 (``--vary direct`` on 14x14 maps, per kernel, three runs): where each row has its
     own kernels (``row_groups`` 1) and keeps ``CHWN_NARROW_ROW_KERNELS`` or more of them on
     average (``row_kernels``: forward's rows, grad-input's; default all source channels), chwn
@@ -164,8 +170,8 @@ def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool, row_groups: 
                      and geom.stride == (1, 1) and kernels_f >= CHWN_GRAD_WEIGHT_PADDED_KERNELS)
     return (direct(geom.out_w, kernels_f, row_groups[0]),
             direct(geom.in_w, kernels_g, row_groups[1]),
-            "chwn" if geom.out_w <= simd_lanes // 2 and (CHWN_GRAD_WEIGHT_HALF_VECTOR or row_padded or geom.out_w <= 4)
-            or narrow_padded else "nchw")
+            "chwn" if geom.out_w <= max(simd_lanes // 2, CHWN_GRAD_WEIGHT_MAX_WIDTH)
+            and (CHWN_GRAD_WEIGHT_HALF_VECTOR or row_padded or geom.out_w <= 4) or narrow_padded else "nchw")
 
 
 def accumulators(budget: int, registers: int) -> int:
@@ -211,12 +217,12 @@ def chwn_tile(height: int, width: int, block: int, registers: int) -> tuple[int,
 
 CHWN_BLOCK_BYTES = 96 * 1024  # a chwn task's block of source channels (one batch block's input), kept in L2
 CHWN_TASKS_PER_BATCH_BLOCK = 8  # output-row groups per batch block: tasks for the cores, each a run of rows
-CHWN_WEIGHT_BYTES = 768 * 1024  # a row group's weights beyond this: tasks walk the batch blocks first
+CHWN_WEIGHT_L2_SHARE = 0.75  # a row group's weights beyond this share of a core's L2: tasks walk the batch blocks first
 GATHER_GRAD_INPUT_WEIGHTS = 256 * 256 * 9  # grad-input gathers its weights on layers with at least this many
 
 
 def chwn_blocks(src_channels: int, dst_channels: int, in_h: int, in_w: int, lanes: int,
-                strided_weights: bool = False, group: int = 1) -> tuple[int, int, bool]:
+                strided_weights: bool = False, group: int = 1, l2_bytes: int = 1 << 20) -> tuple[int, int, bool]:
     """(source channels per block, output rows per task, batch blocks innermost) of a chwn
     direct conv. Measured on a 512-channel 4x4 layer (docs/performance.md): unblocked, each
     output row re-read its images' whole input (~1 MB, from memory), and the kernel ran at a
@@ -224,12 +230,16 @@ def chwn_blocks(src_channels: int, dst_channels: int, in_h: int, in_w: int, lane
     where the kernel reads them one filter apart, as grad-input does) that outgrow L2 are
     better reused across the blocks of images than the input across the groups: 512-channel
     4x4 grad-input 0.54x -> 0.83x of dense, 2x2 forward 0.52x -> 0.78x, while layers with
-    small groups lost a little that way (128-channel 4x4 forward 1.39x -> 1.25x)."""
+    small groups lost a little that way (128-channel 4x4 forward 1.39x -> 1.25x). That was on
+    Zen 4 (1 MiB L2: 768 KiB of weights); the threshold is a share of the core's L2
+    (``CHWN_WEIGHT_L2_SHARE``): on Zen 3 (512 KiB) 256->512 4x4 forward (590 KiB of weights
+    a group) ran 0.97-1.07x of dense under 768 KiB and 1.61-1.65x under 384 KiB, 2x2 layers and
+    those over both thresholds even (session 11, in-process A/Bs)."""
     per_channel = in_h * in_w * lanes * 4
     block = max(1, CHWN_BLOCK_BYTES // per_channel)
     rows = _round_up(-(-dst_channels // CHWN_TASKS_PER_BATCH_BLOCK), group)  # whole groups of rows
     weights = rows * src_channels * (64 if strided_weights else 36)
-    return (0 if block >= src_channels else block), rows, weights > CHWN_WEIGHT_BYTES
+    return (0 if block >= src_channels else block), rows, weights > CHWN_WEIGHT_L2_SHARE * l2_bytes
 
 
 MAX_ROW_GROUP = 4  # rows of the layout one task may compute together (choose_row_group, _tile)
@@ -428,10 +438,10 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     # widx, docs/performance.md); fwd rows are filters (stride C*9), grad-input rows channels
     positions = () if cuda else tuple(tuple(3 * dy + dx for dy, dx in pattern_offsets(p)) for p in library)
     C9 = geom.in_channels * 9
-    fwd_blocks = chwn_blocks(geom.in_channels, geom.out_channels, *fwd_in, lanes_f, group=group_f) \
-        if fwd_layout == "chwn" else (0, 1, False)
+    fwd_blocks = chwn_blocks(geom.in_channels, geom.out_channels, *fwd_in, lanes_f, group=group_f,
+                             l2_bytes=target.l2_bytes) if fwd_layout == "chwn" else (0, 1, False)
     gi_blocks = chwn_blocks(geom.out_channels, geom.in_channels, *gi_in, lanes_g, strided_weights=True,
-                            group=group_g) if gi_layout == "chwn" else (0, 1, False)
+                            group=group_g, l2_bytes=target.l2_bytes) if gi_layout == "chwn" else (0, 1, False)
     forward = DirectConvSpec(f"ct_fwd_{fwd_layout}_{fwd_tag}", geom.in_channels, geom.out_channels, fwd_in[0], fwd_in[1],
                              oh, ow, geom.stride, fwd_offsets, rows_f, lanes_f, bias=True, layout=fwd_layout,
                              stored=fwd_stored, positions=positions, strides=(C9, 9),
