@@ -840,7 +840,8 @@ def test_narrow_rows_of_many_kernels_take_chwn_per_kernel(avx512_plans):
     assert layouts(64, 128, 14, kept=(32.0, 64.0)) == ("nchw", "chwn")  # half of them dropped
     assert layouts(64, 128, 14, groups=(4, 4)) == ("nchw", "nchw")
     assert layouts(64, 128, 16) == ("nchw", "nchw")      # a row fills the vector
-    assert layouts(64, 128, 14, lanes=8) == ("nchw", "nchw")  # AVX2: 14 is wider than a vector
+    assert layouts(64, 128, 14, lanes=8) == ("chwn", "chwn")  # AVX2: two vectors less two lanes, as well
+    assert layouts(64, 128, 16, lanes=8) == ("nchw", "nchw")  # ... while 16 fills two
     assert layouts(16, 16, 7) == ("chwn", "chwn")        # small maps: chwn whatever the kernels
     plan, _ = planned(64, 128, 14, 1, "llvm")
     assert (plan.forward.layout, plan.grad_input.layout) == ("chwn", "chwn")

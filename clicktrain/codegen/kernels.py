@@ -110,7 +110,8 @@ def choose_rows(lanes: int, simd_lanes: int) -> int:
 
 CHWN_ACCUMULATORS = 16  # vector registers the chwn tile may hold, with 32 in all (accumulators())
 CHWN_DIRECT_MAX_WIDTH = 8  # forward / grad-input: chwn up to this output row width
-CHWN_NARROW_ROW_KERNELS = 48  # ... and, per kernel, on any row narrower than a vector with this many kept kernels
+CHWN_NARROW_ROW_KERNELS = 48  # ... and, per kernel, on padded rows narrower than 16 lanes with this many kept kernels
+CHWN_NARROW_ROW_LANES = 16  # (an AVX-512 vector; two of AVX2's)
 CHWN_GRAD_WEIGHT_HALF_VECTOR = True  # grad-weight: chwn on every row up to half a vector (False: padded ones or <= 4),
 CHWN_GRAD_WEIGHT_MAX_WIDTH = 8  # ... and up to this width on any CPU (a whole AVX2 vector)
 CHWN_GRAD_WEIGHT_PADDED = True  # grad-weight: chwn also on rows of 9 to a vector's width less one that nchw pads,
@@ -145,6 +146,11 @@ def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool, row_groups: 
     against 0.90-1.09x; 32->32 (32 kernels a row) even. With half the kernels dropped,
     128->128 (64 a row) still won in four runs of four, 64->64 (32) was even and 64->128 (32)
     lost three of four: the copies into and out of chwn cost the same, the kernel less.
+    On AVX2 a 14-wide row is two vectors less two lanes, the same waste, and the same rule
+    held (session 11, Zen 3, in-process A/Bs, 15 rounds, forward / grad-input): 64->128 14x14
+    1.11 / 0.84x -> 1.21 / 1.12x (and 1.18 / 0.85x -> 1.15 / 1.09x), 128->64 1.00 / 0.85x ->
+    1.14 / 1.08x, 64->64 even: so ``CHWN_NARROW_ROW_LANES`` (16), not the vector, bounds it;
+    rows that fill vectors (8 on AVX2) stay nchw.
     Grouped rows share their input loads in nchw, which then stays ahead (4x4 blocks, one
     run: nchw forward 1.41-2.17x against chwn 1.31-1.61x, grad-input about even).
     Grad-weight also takes chwn on padded rows wider than 8 and narrower than a vector
@@ -162,7 +168,8 @@ def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool, row_groups: 
         return "nchw", "nchw", "nchw"
 
     def direct(width: int, kernels: float, group: int) -> str:
-        narrow_row = group == 1 and width < simd_lanes and kernels >= CHWN_NARROW_ROW_KERNELS
+        padded = width % min(simd_lanes, CHWN_NARROW_ROW_LANES) != 0
+        narrow_row = group == 1 and padded and width < CHWN_NARROW_ROW_LANES and kernels >= CHWN_NARROW_ROW_KERNELS
         return "chwn" if width <= CHWN_DIRECT_MAX_WIDTH or narrow_row else "nchw"
     kernels_f, kernels_g = row_kernels or (geom.in_channels, geom.out_channels)
     row_padded = _round_up(geom.out_w, choose_lanes(geom.out_w, simd_lanes)) != geom.out_w
