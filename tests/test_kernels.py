@@ -842,6 +842,8 @@ def test_narrow_rows_of_many_kernels_take_chwn_per_kernel(avx512_plans):
     assert layouts(64, 128, 16) == ("nchw", "nchw")      # a row fills the vector
     assert layouts(64, 128, 14, lanes=8) == ("chwn", "chwn")  # AVX2: two vectors less two lanes, as well
     assert layouts(64, 128, 16, lanes=8) == ("nchw", "nchw")  # ... while 16 fills two
+    strided = ConvGeometry(32, 64, 14, 14, (2, 2), (1, 1), (1, 1))  # grad-input: 14-wide rows of 64 kernels
+    assert choose_layouts(strided, 8, False)[1] == "nchw" and choose_layouts(strided, 16, False)[1] == "chwn"
     assert layouts(16, 16, 7) == ("chwn", "chwn")        # small maps: chwn whatever the kernels
     plan, _ = planned(64, 128, 14, 1, "llvm")
     assert (plan.forward.layout, plan.grad_input.layout) == ("chwn", "chwn")
@@ -873,15 +875,15 @@ def test_grad_weight_takes_chwn_on_padded_rows_narrower_than_a_vector():
     """nchw pads a 14-wide row to 16 lanes; grad-weight reads it batch-in-lanes instead, as it
     does every row up to half a vector. Rows that fill vectors stay nchw, 28-wide ones too (32
     lanes, measured mixed), strided layers too, and layers whose filters keep fewer than 24
-    kernels (the copies cost more than they save); on AVX2 (8 lanes) rows up to 8 take chwn
-    (session 11), wider ones fill vectors."""
+    kernels (the copies cost more than they save); on AVX2 (8 lanes) the same since session
+    11 (a 14-wide row is two vectors less two lanes there), 16-wide rows fill two."""
     from clicktrain.codegen.kernels import ConvGeometry, choose_layouts
 
     def layout(hw, lanes=16):
         return choose_layouts(ConvGeometry(32, 32, hw, hw, (1, 1), (1, 1), (1, 1)), lanes, False)[2]
     assert [layout(hw) for hw in (4, 7, 8, 13, 14, 16, 28, 32)] == \
         ["chwn", "chwn", "chwn", "chwn", "chwn", "nchw", "nchw", "nchw"]
-    assert [layout(hw, lanes=8) for hw in (4, 7, 8, 14)] == ["chwn", "chwn", "chwn", "nchw"]
+    assert [layout(hw, lanes=8) for hw in (4, 7, 8, 14, 16)] == ["chwn", "chwn", "chwn", "chwn", "nchw"]
     strided = ConvGeometry(16, 16, 28, 28, (2, 2), (1, 1), (1, 1))  # 14-wide output rows
     assert choose_layouts(strided, 16, False)[2] == "nchw"  # reads the forward's column phases
     sparse = ConvGeometry(32, 32, 14, 14, (1, 1), (1, 1), (1, 1))

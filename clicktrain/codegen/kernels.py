@@ -137,7 +137,10 @@ def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool, row_groups: 
     (the forward's is chwn there): on Zen 3 (session 11, ``--vary layout``, per kernel, 4/9)
     chwn ran 64->64 8x8 1.91x against 1.59x, 256->256 8x8 1.44x against 0.72x, 64->64 7x7
     1.82x against 1.32x, 128->256 7x7 1.42x against 0.71x: so rows up to
-    ``CHWN_GRAD_WEIGHT_MAX_WIDTH`` take chwn on any CPU.
+    ``CHWN_GRAD_WEIGHT_MAX_WIDTH`` take chwn on any CPU. Padded rows of 9 to 15 likewise
+    (``CHWN_NARROW_ROW_LANES`` bounds them, not the vector): on AVX2, 14x14 grad-weight per
+    kernel (session 11, Zen 3, 11 rounds in one process) 64->128 1.33x -> 1.82x, 128->64 1.43x
+    -> 1.85x, 64->64 1.08x -> 1.95x, 32->32 1.10x -> 1.66x of dense.
     Session 8 (``--vary direct`` on 14x14 maps, per kernel, three runs): where each row has its
     own kernels (``row_groups`` 1) and keeps ``CHWN_NARROW_ROW_KERNELS`` or more of them on
     average (``row_kernels``: forward's rows, grad-input's; default all source channels), chwn
@@ -169,11 +172,14 @@ def choose_layouts(geom: ConvGeometry, simd_lanes: int, cuda: bool, row_groups: 
 
     def direct(width: int, kernels: float, group: int) -> str:
         padded = width % min(simd_lanes, CHWN_NARROW_ROW_LANES) != 0
-        narrow_row = group == 1 and padded and width < CHWN_NARROW_ROW_LANES and kernels >= CHWN_NARROW_ROW_KERNELS
+        # rows wider than a vector (AVX2's 9 to 15) at stride 1 only: a strided layer's
+        # grad-input lost there (32->64 14x14 stride 2: 1.49x of dense nchw, 0.54-0.75x chwn)
+        narrow_row = (group == 1 and padded and width < CHWN_NARROW_ROW_LANES and kernels >= CHWN_NARROW_ROW_KERNELS
+                      and (width < simd_lanes or geom.stride == (1, 1)))
         return "chwn" if width <= CHWN_DIRECT_MAX_WIDTH or narrow_row else "nchw"
     kernels_f, kernels_g = row_kernels or (geom.in_channels, geom.out_channels)
     row_padded = _round_up(geom.out_w, choose_lanes(geom.out_w, simd_lanes)) != geom.out_w
-    narrow_padded = (CHWN_GRAD_WEIGHT_PADDED and row_padded and CHWN_DIRECT_MAX_WIDTH < geom.out_w < simd_lanes
+    narrow_padded = (CHWN_GRAD_WEIGHT_PADDED and row_padded and CHWN_DIRECT_MAX_WIDTH < geom.out_w < CHWN_NARROW_ROW_LANES
                      and geom.stride == (1, 1) and kernels_f >= CHWN_GRAD_WEIGHT_PADDED_KERNELS)
     return (direct(geom.out_w, kernels_f, row_groups[0]),
             direct(geom.in_w, kernels_g, row_groups[1]),
