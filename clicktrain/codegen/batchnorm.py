@@ -310,15 +310,25 @@ class BatchNormKernels:
 
 
 _built: dict[tuple, BatchNormKernels] = {}
+_starting: dict[tuple, object] = {}  # the same keys -> a function that collects kernels being built
+
+
+def start_batchnorm_kernels(spec: BatchNormSpec, target) -> None:
+    """Start compiling the spec's two kernels, to be collected by ``batchnorm_kernels``: start
+    every layer's first, and the compile workers build them side by side."""
+    from .cache import start_compile
+    key = (spec, target.description)
+    if key not in _built and key not in _starting:
+        sources = {spec.name("fwd"): batchnorm_forward_llvm(spec), spec.name("bwd"): batchnorm_backward_llvm(spec)}
+        started = {name: start_compile(name, source, target) for name, source in sources.items()}
+        _starting[key] = lambda: BatchNormKernels(*[result()[0][name] for name, result in started.items()],
+                                                  sources=sources)
 
 
 def batchnorm_kernels(spec: BatchNormSpec, target) -> BatchNormKernels:
     """The spec's two kernels, compiled (or loaded from the compile cache) once per process."""
-    from .cache import start_compile
     key = (spec, target.description)
     if key not in _built:
-        sources = {spec.name("fwd"): batchnorm_forward_llvm(spec), spec.name("bwd"): batchnorm_backward_llvm(spec)}
-        started = {name: start_compile(name, source, target) for name, source in sources.items()}
-        funcs = [result()[0][name] for name, result in started.items()]
-        _built[key] = BatchNormKernels(*funcs, sources=sources)
+        start_batchnorm_kernels(spec, target)
+        _built[key] = _starting.pop(key)()
     return _built[key]

@@ -144,28 +144,39 @@ class FuseBatchNorm(ClicktrainPass):
         self.fused, self.sources = [], {}
         if not self.active:
             return PassResult(gm, False)
-        from ..codegen.batchnorm import batchnorm_kernels
+        from ..codegen.batchnorm import batchnorm_kernels, start_batchnorm_kernels
         from ..codegen.target import resolve_target
         from ..runtime.batchnorm import GeneratedBatchNorm
         target = resolve_target("llvm")
         if not hasattr(gm, BATCHNORM_ATTR):
             gm.add_module(BATCHNORM_ATTR, nn.ModuleDict())
         modules: nn.ModuleDict = getattr(gm, BATCHNORM_ATTR)
+
+        def generated(node: fx.Node):
+            """(the fusion's module, its match, its kernels' spec at the compile-time size or None:
+            other sizes compile on first use)."""
+            fusion, replaced, residual, ceil = match = match_batchnorm(gm, node)
+            module = GeneratedBatchNorm(gm.get_submodule(node.target), node.target, fusion, target, pool_ceil=ceil)
+            shape = node.meta.get("tensor_meta")
+            fits = shape is not None and len(shape.shape) == 4 and module.pool_fits(*shape.shape[2:])
+            return module, match, module.spec(shape.shape) if fits else None
+        # every layer's builds started first (the compile workers build them side by side); the
+        # loop below matches again, after the rewrites before each node (a residual may be one)
+        for node in gm.graph.nodes:
+            if _is_batchnorm_call(gm, node) and (spec := generated(node)[2]) is not None:
+                start_batchnorm_kernels(spec, target)
         for node in list(gm.graph.nodes):
             if not _is_batchnorm_call(gm, node):
                 continue
-            bn = gm.get_submodule(node.target)
-            fusion, replaced, residual, ceil = match_batchnorm(gm, node)
+            module, (fusion, replaced, residual, ceil), spec = generated(node)
             key = node.target.replace(".", "_")
             while key in modules:
                 key += "_"
-            module = modules[key] = GeneratedBatchNorm(bn, node.target, fusion, target, pool_ceil=ceil)
+            modules[key] = module
             seconds = 0.0
-            shape = node.meta.get("tensor_meta")
-            # the compile-time size now, others on first use
-            if shape is not None and len(shape.shape) == 4 and module.pool_fits(*shape.shape[2:]):
+            if spec is not None:
                 started = time.perf_counter()
-                kernels = batchnorm_kernels(module.spec(shape.shape), target)
+                kernels = batchnorm_kernels(spec, target)
                 self.sources.update({f"{name}.tir.py": src for name, src in kernels.sources.items()})
                 seconds = time.perf_counter() - started
                 # the pruning report's compile time counts these kernels too
