@@ -271,7 +271,6 @@ def start_compile(name: str, source: str, target, load: bool = True):
     def result():
         if not done:
             waited = time.perf_counter()
-            module = None
             if build is not None:
                 try:
                     build.result()
