@@ -335,14 +335,17 @@ def test_chwn_task_order_follows_the_l2_cache():
     avx2 = dataclasses.replace(resolve_target("llvm"), simd_lanes=8, vector_registers=16)
     library = ct.patterns.fixed_library(4, 8)
 
-    def images_first(l2: int, c: int, o: int, hw: int) -> tuple[bool, bool]:
+    def images_first(l2: int, c: int, o: int, hw: int, groups=(1, 1)) -> tuple[bool, bool]:
         plan = plan_kernels(ConvGeometry.of((o, c, 3, 3), (hw, hw), 1, 1, 1), library,
-                            dataclasses.replace(avx2, l2_bytes=l2))
+                            dataclasses.replace(avx2, l2_bytes=l2), groups)
         assert plan.forward.layout == plan.grad_input.layout == "chwn"
         return plan.forward.batch_inner, plan.grad_input.batch_inner
     assert images_first(1 << 20, 256, 512, 4) == (False, True)   # 590 KiB of forward weights a group
     assert images_first(512 << 10, 256, 512, 4) == (True, True)
     assert images_first(512 << 10, 128, 256, 4) == (False, False)  # 147 KiB: rows first either way
+    # grad-input of grouped rows, gathered: 36 bytes a kernel (not a cache line), 288 KiB a group
+    assert images_first(512 << 10, 256, 256, 8) == (False, True)
+    assert images_first(512 << 10, 256, 256, 8, (4, 4)) == (False, False)
     assert 64 << 10 <= _l2_bytes() <= 64 << 20
 
 
@@ -368,6 +371,20 @@ def test_grad_input_on_gathered_weights_matches_masked_dense_conv(monkeypatch):
     assert plan.grad_input.gathered_weight and not plan.forward.gathered_weight
     for case in [GRID[1], GRID[6], GRID[10], (2, 9, 6, 12, 12, 1, 1, 1, 0.5, False)]:
         check_against_masked_dense_conv(case)
+
+
+@pytest.mark.parametrize("case", [(2, 8, 12, 12, 12, 1, 1, 1, 0.3, True), (3, 16, 24, 4, 4, 1, 1, 1, 0.5, True)],
+                         ids=["nchw", "chwn"])
+def test_grouped_grad_input_on_gathered_weights_matches_masked_dense_conv(case, monkeypatch):
+    """With 4x4 pattern blocks a grad-input task takes a group of input channels that share
+    their runs; gathered, each run entry's weights of the whole group lie side by side.
+    Forced on small layers (nchw and chwn), it still equals the masked dense conv."""
+    import clicktrain.codegen.kernels as K
+    monkeypatch.setattr(K, "GATHER_GRAD_INPUT_WEIGHTS", 0)
+    conv = check_against_masked_dense_conv(case, (4, 4))
+    n, c, o, h, w = case[:5]
+    spec = conv.kernels_for((h, w), (o, c, 3, 3)).plan.grad_input
+    assert spec.gathered_weight and spec.row_group > 1 and spec.layout == ("nchw" if h == 12 else "chwn")
 
 
 @pytest.mark.parametrize("batch_inner,block", [(False, (1, 1)), (True, (1, 1)), (True, (2, 2))],

@@ -231,11 +231,17 @@ def chwn_tile(height: int, width: int, block: int, registers: int) -> tuple[int,
 CHWN_BLOCK_BYTES = 96 * 1024  # a chwn task's block of source channels (one batch block's input), kept in L2
 CHWN_TASKS_PER_BATCH_BLOCK = 8  # output-row groups per batch block: tasks for the cores, each a run of rows
 CHWN_WEIGHT_L2_SHARE = 0.75  # a row group's weights beyond this share of a core's L2: tasks walk the batch blocks first
-GATHER_GRAD_INPUT_WEIGHTS = 256 * 256 * 9  # grad-input gathers its weights on layers with at least this many
+GATHER_GRAD_INPUT_WEIGHTS = 128 * 256 * 9  # grad-input gathers its weights on layers with at least this many
+GATHER_GROUPED_GRAD_INPUT = True  # ... grouped rows too (their weights side by side: group_interleaved)
+# chwn_blocks counts a grouped, gathered kernel's weights as this many bytes (read one filter apart: a cache
+# line). Measured (session 12, Zen 3, in-process A/Bs, grad-input, 4x4 blocks): 256->256 8x8 then walks rows
+# first, 1.12-1.22x -> 1.29-1.46x of dense in four runs. Per kernel, gathered rows keep the cache line: 16 bytes
+# moved 256->512 4x4 rows-first, 1.20-1.33x -> 1.04-1.15x in three runs, 256->256 8x8 even
+GROUPED_GATHERED_WEIGHT_BYTES = 36
 
 
 def chwn_blocks(src_channels: int, dst_channels: int, in_h: int, in_w: int, lanes: int,
-                strided_weights: bool = False, group: int = 1, l2_bytes: int = 1 << 20) -> tuple[int, int, bool]:
+                weight_bytes: int = 36, group: int = 1, l2_bytes: int = 1 << 20) -> tuple[int, int, bool]:
     """(source channels per block, output rows per task, batch blocks innermost) of a chwn
     direct conv. Measured on a 512-channel 4x4 layer (docs/performance.md): unblocked, each
     output row re-read its images' whole input (~1 MB, from memory), and the kernel ran at a
@@ -251,7 +257,7 @@ def chwn_blocks(src_channels: int, dst_channels: int, in_h: int, in_w: int, lane
     per_channel = in_h * in_w * lanes * 4
     block = max(1, CHWN_BLOCK_BYTES // per_channel)
     rows = _round_up(-(-dst_channels // CHWN_TASKS_PER_BATCH_BLOCK), group)  # whole groups of rows
-    weights = rows * src_channels * (64 if strided_weights else 36)
+    weights = rows * src_channels * weight_bytes
     return (0 if block >= src_channels else block), rows, weights > CHWN_WEIGHT_L2_SHARE * l2_bytes
 
 
@@ -453,7 +459,12 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     C9 = geom.in_channels * 9
     fwd_blocks = chwn_blocks(geom.in_channels, geom.out_channels, *fwd_in, lanes_f, group=group_f,
                              l2_bytes=target.l2_bytes) if fwd_layout == "chwn" else (0, 1, False)
-    gi_blocks = chwn_blocks(geom.out_channels, geom.in_channels, *gi_in, lanes_g, strided_weights=True,
+    # measured on wide layers: 256->256 8x8 1.44x -> 1.54x of dense, 512->512 4x4 0.98x ->
+    # 1.34x; on narrow ones the gather cost about what it saved (a stride phase reads the dense weight)
+    gathers = (not (cuda or phased) and (group_g == 1 or GATHER_GROUPED_GRAD_INPUT)
+               and geom.in_channels * geom.out_channels * 9 >= GATHER_GRAD_INPUT_WEIGHTS)
+    gi_weight_bytes = GROUPED_GATHERED_WEIGHT_BYTES if gathers and group_g > 1 else 64
+    gi_blocks = chwn_blocks(geom.out_channels, geom.in_channels, *gi_in, lanes_g, gi_weight_bytes,
                             group=group_g, l2_bytes=target.l2_bytes) if gi_layout == "chwn" else (0, 1, False)
     forward = DirectConvSpec(f"ct_fwd_{fwd_layout}_{fwd_tag}", geom.in_channels, geom.out_channels, fwd_in[0], fwd_in[1],
                              oh, ow, geom.stride, fwd_offsets, rows_f, lanes_f, bias=True, layout=fwd_layout,
@@ -467,11 +478,7 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     grad_input = DirectConvSpec(f"ct_dgrad_{gi_layout}_{gi_tag}", geom.out_channels, geom.in_channels, gi_in[0], gi_in[1],
                                 ih, iw, (1, 1), flipped, rows_g, lanes_g, bias=False, layout=gi_layout,
                                 stored=gi_stored, positions=positions, strides=(9, C9),
-                                # measured on wide layers: 256->256 8x8 1.44x -> 1.54x of dense, 512->512
-                                # 4x4 0.98x -> 1.34x; on narrow ones the gather cost about what it saved
-                                # (a grouped tile or a stride phase reads the dense weight, like nchw)
-                                gathered_weight=not (cuda or phased) and group_g == 1
-                                and geom.in_channels * geom.out_channels * 9 >= GATHER_GRAD_INPUT_WEIGHTS,
+                                gathered_weight=gathers,
                                 channel_block=gi_blocks[0], filter_block=gi_blocks[1], batch_inner=gi_blocks[2],
                                 row_group=group_g,
                                 x_tile=chwn_x_tile(iw, row_groups[1]) if gi_layout == "chwn" else 0,
@@ -681,7 +688,9 @@ class LayerIndex:
             return t.to(device=device, dtype=torch.int32).contiguous()
         return cls(fwd, bwd, i32(fwd.pattern_ptr()), i32(fwd.kernel_channel), i32(fwd.perm),
                    i32(bwd.pattern_ptr()), i32(bwd.kernel_channel), i32(bwd.perm), *map(i32, blocks),
-                   i32(fwd.weight_index), i32(bwd.weight_index),
+                   # a gathering grad-input reads a group's rows' weights side by side
+                   i32(fwd.weight_index), i32(bwd.weight_index[bwd.group_interleaved()]
+                                               if plan.grad_input.gathered_weight else bwd.weight_index),
                    ~kernel_masks(library, pattern_ids).to(device))
 
     def handle(self, name: str):

@@ -75,7 +75,8 @@ class DirectConvSpec:
     batch_inner: bool = False
     # CPU grad-input of a wide layer: the kept weights come gathered in the kernel's own order,
     # (kept kernels, k), by ``gather_weights_llvm`` (its rows' weights are one filter apart in
-    # the dense weight)
+    # the dense weight); a group's rows' weights of one run entry side by side
+    # (``FilterKernelLayout.group_interleaved``)
     gathered_weight: bool = False
     # nchw: output rows per task that share their runs of kept kernels (the layout's rows come
     # in groups of this many with equal source channels and patterns: block granularity)
@@ -198,10 +199,20 @@ def _weight(s: DirectConvSpec, p: int, t: int, row: str) -> str:
     kernel's order, or at a computed address where the spec has the patterns' positions, else
     through ``widx``."""
     if s.gathered_weight:
-        return f"w[j, {t}]"
+        return f"w[j, {t}]"  # one row (grouped rows: _group_weight)
     if s.positions:
         return f"w[perm[{row}] * {s.strides[0]} + src[j] * {s.strides[1]} + {s.positions[p][t]}]"
     return f"w[widx[j, {t}]]"
+
+
+def _group_weight(s: DirectConvSpec, leader: str, g: int) -> str | None:
+    """How row ``g`` of a group reads weight ``{t}`` of run entry ``j`` (``leader``: the group's
+    first row, whose entries ``j`` walk): gathered, the group's weights of an entry are side by
+    side from ``a + (j - a) * G``, ``a`` the leader's first entry; else ``_weight``'s address."""
+    G = s.row_group
+    if not s.gathered_weight or G == 1:
+        return None
+    return f"w[j * {G} - ptr[{leader}, 0] * {G - 1} + {g}, {{t}}]"
 
 
 def _fma_chain(acc: str, s, p: int, b: str, y: str, x: str, weight: str | None = None, row: str = "",
@@ -237,7 +248,7 @@ def direct_conv_llvm(s: DirectConvSpec) -> str:
     if s.layout == "chwn":
         return direct_conv_chwn_llvm(s)
     O, R, V, G = s.dst_channels, s.rows, s.lanes, s.row_group
-    assert O % G == 0 and (G == 1 or not s.gathered_weight), "a group's rows share runs, not gathered weights"
+    assert O % G == 0, "a group's rows share runs"
     groups = O // G
     loops = [("r", R)]
     batch, y, x = f"bf // {groups}", f"yt * {R} + r", f"xt * {V} + v"
@@ -263,7 +274,8 @@ def direct_conv_llvm(s: DirectConvSpec) -> str:
             continue
         lines.append(f"            for j in range(ptr[{row(0)}, {p}], ptr[{row(0)}, {p + 1}]):")
         for g in range(G):
-            lines += _vector_tile(loops, V, 16, _fma_chain(acc(g), s, p, batch, y, x, row=row(g)))
+            lines += _vector_tile(loops, V, 16, _fma_chain(acc(g), s, p, batch, y, x, _group_weight(s, row(0), g),
+                                                           row=row(g)))
     for g in range(G):
         def store(lane: str, g=g) -> str:
             return f"out[{batch}, perm[{row(g)}], yt * {R} + r, xt * {V} + {lane}]"
@@ -288,7 +300,7 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
     O, R, V, FB, G = s.dst_channels, s.rows, s.lanes, s.filter_block, s.row_group
     P, B = len(s.offsets), s.channel_blocks
     XW = s.x_tile or s.out_w
-    assert FB % G == 0 and O % G == 0 and (G == 1 or not s.gathered_weight) and s.out_w % XW == 0
+    assert FB % G == 0 and O % G == 0 and s.out_w % XW == 0
     column = f"xt * {XW} + x" if XW < s.out_w else "x"
     groups = -(-O // FB)
     if s.batch_inner:  # n: blocks of images
@@ -352,7 +364,8 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
                     if taps:
                         lines += [" " * indent + f"for v in T.vectorized({V}):",
                                   " " * (indent + 4) + _fma_chain(f"{buffer(g, r)}[{x}, v]", s, p, images, str(r),
-                                                                  str(x), row=f(g), taps=taps)]
+                                                                  str(x), _group_weight(s, f(0), g), row=f(g),
+                                                                  taps=taps)]
         return lines
 
     def block(cb: str, start: bool):
@@ -365,7 +378,7 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
                     run = skipping_zeros(indent + 4, p)
                 else:
                     run = tile(indent + 4, lambda g, r: _fma_chain(acc(g, r), s, p, images, f"yt * {R} + {r}", column,
-                                                                    row=f(g)))
+                                                                    _group_weight(s, f(0), g), row=f(g)))
                 if run:  # empty where every tap of the pattern reads zeros: its kernels cost nothing
                     lines += [" " * indent + f"for j in range(ptr[{f(0)}, {cb} * {P + 1} + {p}], "
                               f"ptr[{f(0)}, {cb} * {P + 1} + {p + 1}]):"] + run

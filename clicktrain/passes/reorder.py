@@ -110,6 +110,21 @@ class FilterKernelLayout:
     def kept_kernels(self) -> int:
         return int(self.kernel_channel.numel())
 
+    def group_interleaved(self) -> torch.Tensor:
+        """``(K,)``: kept kernel ``a + i*G + g`` of the result is entry ``i`` of row ``g`` of a group
+        of ``G = row_group`` rows whose entries start at ``a``. A group's rows have equal runs
+        (same channels and patterns), so a kernel walking the first row's entries ``j`` finds
+        all ``G`` rows' weights of entry ``j`` side by side at ``a + (j - a) * G``."""
+        G = self.row_group
+        order = torch.arange(self.kept_kernels)
+        if G == 1:
+            return order
+        starts = self.kernel_ptr[:-1:G]
+        per_row = self.kernel_ptr[1::G] - starts
+        for a, n in zip(starts.tolist(), per_row.tolist()):
+            order[a:a + G * n] = torch.arange(a, a + G * n).view(G, n).t().reshape(-1)
+        return order
+
     def compact(self, weight: torch.Tensor) -> torch.Tensor:
         """Kept weights ``(K, k)`` gathered from a dense ``(O, C, 3, 3)`` weight."""
         return weight.reshape(-1)[self.weight_index]
