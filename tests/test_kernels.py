@@ -361,14 +361,16 @@ def test_llvm_cpu_override_refuses_what_cannot_run_here(cpu, error, llvm_cpu):
         resolve_target("llvm")
 
 
-def test_grad_input_on_gathered_weights_matches_masked_dense_conv(monkeypatch):
-    """Wide layers' grad-input reads its kept weights gathered in its own order; forced on
-    small layers here (nchw, chwn, strided), it still equals the masked dense conv."""
+@pytest.mark.parametrize("work", [0, 1 << 40], ids=["gathered", "dense-weight"])
+def test_grad_input_on_gathered_or_dense_weights_matches_masked_dense_conv(work, monkeypatch):
+    """CPU grad-input reads its kept weights gathered in its own order where the layer has
+    work enough (``GATHER_GRAD_INPUT_WORK``), else in the dense weight, as a stride phase
+    does. Either way, on small layers (nchw, chwn, strided), it equals the masked dense conv."""
     import clicktrain.codegen.kernels as K
-    monkeypatch.setattr(K, "GATHER_GRAD_INPUT_WEIGHTS", 0)
+    monkeypatch.setattr(K, "GATHER_GRAD_INPUT_WORK", work)
     plan = K.plan_kernels(K.ConvGeometry(5, 7, 9, 9, (1, 1), (1, 1), (1, 1)), ct.patterns.fixed_library(4, 4),
                           resolve_target("llvm"))
-    assert plan.grad_input.gathered_weight and not plan.forward.gathered_weight
+    assert plan.grad_input.gathered_weight == (work == 0) and not plan.forward.gathered_weight
     for case in [GRID[1], GRID[6], GRID[10], (2, 9, 6, 12, 12, 1, 1, 1, 0.5, False)]:
         check_against_masked_dense_conv(case)
 
@@ -378,9 +380,9 @@ def test_grad_input_on_gathered_weights_matches_masked_dense_conv(monkeypatch):
 def test_grouped_grad_input_on_gathered_weights_matches_masked_dense_conv(case, monkeypatch):
     """With 4x4 pattern blocks a grad-input task takes a group of input channels that share
     their runs; gathered, each run entry's weights of the whole group lie side by side.
-    Forced on small layers (nchw and chwn), it still equals the masked dense conv."""
+    Forced on small layers (nchw and chwn), it equals the masked dense conv."""
     import clicktrain.codegen.kernels as K
-    monkeypatch.setattr(K, "GATHER_GRAD_INPUT_WEIGHTS", 0)
+    monkeypatch.setattr(K, "GATHER_GRAD_INPUT_WORK", 0)
     conv = check_against_masked_dense_conv(case, (4, 4))
     n, c, o, h, w = case[:5]
     spec = conv.kernels_for((h, w), (o, c, 3, 3)).plan.grad_input
@@ -425,6 +427,21 @@ def test_channel_blocks_order_each_rows_kernels_by_block_then_pattern():
     assert layout.kernel_channel.tolist() == [1, 0, 3, 2]
     assert layout.pattern_ptr().tolist() == [[0, 1, 2, 2, 3, 4, 4, 4, 4]]
     assert FilterKernelLayout.build(library, ids).pattern_ptr().tolist() == [[0, 2, 4]]
+
+
+def test_group_interleaved_puts_a_groups_weights_of_one_entry_side_by_side():
+    """Before: rows in groups of two with equal runs, kept kernels (row: entries) 0: [0, 1, 2],
+    1: [3, 4, 5] (the same three channels), 2: [6], 3: [7]. Expected: the group's entries
+    interleaved, row 0's entry i at 2i and row 1's at 2i + 1: [0, 3, 1, 4, 2, 5, 6, 7]."""
+    from clicktrain.passes.reorder import FilterKernelLayout
+    library = torch.zeros(2, 9, dtype=torch.bool)
+    library[0, [0, 1, 3, 4]] = True
+    library[1, [4, 5, 7, 8]] = True
+    ids = torch.tensor([[0, 1, -1, 1], [0, 1, -1, 1], [-1, -1, 0, -1], [-1, -1, 0, -1]], dtype=torch.int16)
+    layout = FilterKernelLayout.build(library, ids, row_group=2)
+    assert layout.kernel_ptr.tolist() == [0, 3, 6, 7, 8]
+    assert layout.group_interleaved().tolist() == [0, 3, 1, 4, 2, 5, 6, 7]
+    assert FilterKernelLayout.build(library, ids).group_interleaved().tolist() == list(range(8))
 
 
 def test_grad_weight_blocks_group_kernels_by_channel_and_pattern():

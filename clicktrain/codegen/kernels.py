@@ -231,8 +231,18 @@ def chwn_tile(height: int, width: int, block: int, registers: int) -> tuple[int,
 CHWN_BLOCK_BYTES = 96 * 1024  # a chwn task's block of source channels (one batch block's input), kept in L2
 CHWN_TASKS_PER_BATCH_BLOCK = 8  # output-row groups per batch block: tasks for the cores, each a run of rows
 CHWN_WEIGHT_L2_SHARE = 0.75  # a row group's weights beyond this share of a core's L2: tasks walk the batch blocks first
-GATHER_GRAD_INPUT_WEIGHTS = 128 * 256 * 9  # grad-input gathers its weights on layers with at least this many
-GATHER_GROUPED_GRAD_INPUT = True  # ... grouped rows too (their weights side by side: group_interleaved)
+# CPU grad-input reads its kept weights gathered in its own order (grouped rows' side by side:
+# FilterKernelLayout.group_interleaved), one pass a call; a stride phase reads the dense weight.
+# Measured: 256->256 8x8 1.44x -> 1.54x of dense, 512->512 4x4 0.98x -> 1.34x (session 7, Zen 4, per
+# kernel); session 12 (Zen 3, in-process A/Bs, dense weight -> gathered): 4x4 blocks 512->512 4x4
+# 1.21x -> 1.75x, 512->512 2x2 1.60x -> 1.93x, 256->256 7x7 1.24x -> 1.36x, 128->256 8x8 / 7x7
+# 1.07-1.20x -> 1.22-1.27x / 1.13-1.22x -> 1.36-1.45x, per kernel 128->256 1.13-1.15x -> 1.33-1.47x;
+# on 16- to 64-channel layers even to 14 % faster (64->64 7x7 in 4x4 blocks 1.28x -> 1.48x). The gather
+# is one more call: on layers of little work (in x out channels x pixels under GATHER_GRAD_INPUT_WORK) it
+# cost more than it saved (64->64 4x4 1.86-2.03x -> 1.63-1.79x, 32->32 8x8 2.23-2.66x -> 2.22-2.38x;
+# 16->16 28x28, 64->64 7x7 and 128->128 4x4, 2-4 times the work, even or faster)
+GATHER_GRAD_INPUT = True
+GATHER_GRAD_INPUT_WORK = 1 << 17
 # chwn_blocks counts a grouped, gathered kernel's weights as this many bytes (read one filter apart: a cache
 # line). Measured (session 12, Zen 3, in-process A/Bs, grad-input, 4x4 blocks): 256->256 8x8 then walks rows
 # first, 1.12-1.22x -> 1.29-1.46x of dense in four runs. Per kernel, gathered rows keep the cache line: 16 bytes
@@ -459,10 +469,8 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     C9 = geom.in_channels * 9
     fwd_blocks = chwn_blocks(geom.in_channels, geom.out_channels, *fwd_in, lanes_f, group=group_f,
                              l2_bytes=target.l2_bytes) if fwd_layout == "chwn" else (0, 1, False)
-    # measured on wide layers: 256->256 8x8 1.44x -> 1.54x of dense, 512->512 4x4 0.98x ->
-    # 1.34x; on narrow ones the gather cost about what it saved (a stride phase reads the dense weight)
-    gathers = (not (cuda or phased) and (group_g == 1 or GATHER_GROUPED_GRAD_INPUT)
-               and geom.in_channels * geom.out_channels * 9 >= GATHER_GRAD_INPUT_WEIGHTS)
+    gathers = (GATHER_GRAD_INPUT and not (cuda or phased)
+               and geom.in_channels * geom.out_channels * geom.in_h * geom.in_w >= GATHER_GRAD_INPUT_WORK)
     gi_weight_bytes = GROUPED_GATHERED_WEIGHT_BYTES if gathers and group_g > 1 else 64
     gi_blocks = chwn_blocks(geom.out_channels, geom.in_channels, *gi_in, lanes_g, gi_weight_bytes,
                             group=group_g, l2_bytes=target.l2_bytes) if gi_layout == "chwn" else (0, 1, False)
