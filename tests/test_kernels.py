@@ -860,6 +860,27 @@ def test_cuda_grad_weight_reduces_across_threads():
     assert steps == [f"if tx < {h}:" for h in (64, 32, 16, 8, 4, 2, 1)] + ["if tx < 4 and j < kk:"]
 
 
+def test_chwn_tasks_walk_tiles_outer_where_rows_have_their_own_kernels():
+    """Before: a chwn task walked its output rows, each over all its tiles. Expected (per
+    kernel): tiles outer, rows inner, so consecutive rows read the same few input rows from
+    L1; grouped rows (4x4 blocks), whose tiles already share each input load, keep rows outer."""
+    import dataclasses
+    from clicktrain.codegen.kernels import ConvGeometry, plan_kernels
+    from clicktrain.codegen.templates import direct_conv_llvm
+    avx2 = dataclasses.replace(resolve_target("llvm"), simd_lanes=8, vector_registers=16)
+    library = ct.patterns.fixed_library(4, 8)
+
+    def loop_order(groups):
+        plan = plan_kernels(ConvGeometry.of((64, 64, 3, 3), (8, 8), 1, 1, 1), library, avx2, groups)
+        spec = plan.forward
+        assert spec.layout == "chwn" and plan.grad_input.tiles_outer == spec.tiles_outer
+        loops = [line.split()[1] for line in direct_conv_llvm(spec).splitlines()
+                 if line.strip().startswith("for ") and line.split()[1] in ("fi", "yt", "xt")]
+        return spec.row_group, loops[:len(loops) // (2 if spec.channel_blocks > 1 else 1)]
+    assert loop_order((1, 1)) == (1, ["yt", "fi"])
+    assert loop_order((4, 4)) == (2, ["fi", "yt", "xt"])
+
+
 def test_narrow_rows_of_many_kernels_take_chwn_per_kernel(avx512_plans):
     """Rows narrower than a vector (14 of 16 lanes) take the batch-in-lanes layout where each
     row has its own kernels and keeps 48+ of them on average; nchw keeps rows of fewer kept

@@ -290,6 +290,7 @@ def choose_row_group(block: int, lanes: int, simd_lanes: int, registers: int = 3
     return group, max(1, min(8, accumulators(GROUPED_ACCUMULATORS, registers) // (group * vectors)))
 
 
+CHWN_TILES_OUTER = True  # chwn: a task's tiles outer, its output rows inner (DirectConvSpec.tiles_outer)
 CHWN_X_TILE = 4  # chwn: output columns per tile on wider rows where ids come in groups of 4 (0: whole rows)
 
 
@@ -482,6 +483,7 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                              channel_block=fwd_blocks[0], filter_block=fwd_blocks[1], batch_inner=fwd_blocks[2],
                              row_group=group_f,
                              x_tile=chwn_x_tile(ow, row_groups[0]) if fwd_layout == "chwn" else 0,
+                             tiles_outer=CHWN_TILES_OUTER and fwd_layout == "chwn" and group_f == 1,
                              valid=(ph, ph + geom.in_h, pw, pw + geom.in_w) if fwd_layout == "chwn" else ())
     grad_input = DirectConvSpec(f"ct_dgrad_{gi_layout}_{gi_tag}", geom.out_channels, geom.in_channels, gi_in[0], gi_in[1],
                                 ih, iw, (1, 1), flipped, rows_g, lanes_g, bias=False, layout=gi_layout,
@@ -490,6 +492,7 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                                 channel_block=gi_blocks[0], filter_block=gi_blocks[1], batch_inner=gi_blocks[2],
                                 row_group=group_g,
                                 x_tile=chwn_x_tile(iw, row_groups[1]) if gi_layout == "chwn" else 0,
+                                tiles_outer=CHWN_TILES_OUTER and gi_layout == "chwn" and group_g == 1,
                                 # stride 1: the output gradient at (2d - p) in its frame, zeros around
                                 valid=(2 * dh - ph, 2 * dh - ph + geom.out_h, 2 * dw - pw, 2 * dw - pw + geom.out_w)
                                 if gi_layout == "chwn" and geom.stride == (1, 1) else ())

@@ -86,6 +86,8 @@ class DirectConvSpec:
     kept: int = 0
     # chwn: output columns per tile (0: the whole row)
     x_tile: int = 0
+    # chwn: a task walks its tiles, each for all its output rows (else its rows, each for all tiles)
+    tiles_outer: bool = False
     # chwn: (first row, end row, first column, end column) of the input frame that holds data
     # (zeros around it): a tile that covers the whole map skips the taps that read only zeros
     valid: tuple[int, int, int, int] = ()
@@ -339,15 +341,12 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
     lines += [f'        {buffer(g, r)} = T.alloc_buffer(({XW}, {V}), "float32", scope="global")'
               for g in range(G) for r in range(R)]
     def rows_of_task(indent: int, body) -> list[str]:
-        """``body(indent)`` for each of the task's (groups of) output rows and tiles."""
-        lines = [" " * indent + f"for fi in range({FB // G}):"]
-        if O % FB:
-            indent += 4
-            lines.append(" " * indent + f"if {f(0)} < {O}:")
-        lines.append(" " * (indent + 4) + f"for yt in range({s.out_h // R}):")
-        if XW == s.out_w:
-            return lines + body(indent + 8)
-        return lines + [" " * (indent + 8) + f"for xt in range({s.out_w // XW}):"] + body(indent + 12)
+        """``body(indent)`` for each of the task's (groups of) output rows and tiles: tiles
+        inner, or with ``tiles_outer`` the rows inner (they read the same input rows)."""
+        rows = [f"for fi in range({FB // G}):"] + ([f"if {f(0)} < {O}:"] if O % FB else [])
+        tiles = [f"for yt in range({s.out_h // R}):"] + ([f"for xt in range({s.out_w // XW}):"] if XW < s.out_w else [])
+        loops = tiles + rows if s.tiles_outer else rows + tiles
+        return [" " * (indent + 4 * i) + loop for i, loop in enumerate(loops)] + body(indent + 4 * len(loops))
 
     # a tile that is the whole map knows each pixel's position: a tap that reads the frame's
     # zero border is left out (a 2x2 map keeps 4 of 9 tap positions per pixel, 4x4 about 7)
