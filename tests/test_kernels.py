@@ -881,6 +881,29 @@ def test_chwn_tasks_walk_tiles_outer_where_rows_have_their_own_kernels():
     assert loop_order((4, 4)) == (2, ["fi", "yt", "xt"])
 
 
+def test_nchw_grad_input_tasks_take_blocks_of_rows_on_gathered_weights():
+    """Before: an nchw grad-input task was one output row (an input channel), each tile of it
+    reading a few input rows of every source channel. Expected per kernel, on gathered weights:
+    a task of ``NCHW_ROW_BLOCK`` rows walks its tiles outer and its rows inner (a 28-row layer:
+    the last block guarded); the forward (dense weights) and grouped rows keep a row a task."""
+    import dataclasses
+    from clicktrain.codegen.kernels import NCHW_ROW_BLOCK, ConvGeometry, plan_kernels
+    from clicktrain.codegen.templates import direct_conv_llvm
+    avx2 = dataclasses.replace(resolve_target("llvm"), simd_lanes=8, vector_registers=16)
+    library = ct.patterns.fixed_library(4, 8)
+
+    def plan(groups, channels=28):
+        return plan_kernels(ConvGeometry.of((32, channels, 3, 3), (14, 14), 1, 1, 1), library, avx2, groups,
+                            (channels, 32))
+    spec = plan((1, 1)).grad_input
+    assert (spec.layout, spec.gathered_weight, spec.row_block) == ("nchw", True, NCHW_ROW_BLOCK)
+    source = direct_conv_llvm(spec)
+    assert f"for bf in T.parallel(n * {-(-28 // NCHW_ROW_BLOCK)}):" in source
+    assert source.index("for yt, xt in T.grid") < source.index(f"for fi in range({NCHW_ROW_BLOCK}):")
+    assert f"if bf % 4 * {NCHW_ROW_BLOCK} + fi < 28:" in source
+    assert plan((1, 1)).forward.row_block == 1 and plan((4, 4), 32).grad_input.row_block == 1
+
+
 def test_narrow_rows_of_many_kernels_take_chwn_per_kernel(avx512_plans):
     """Rows narrower than a vector (14 of 16 lanes) take the batch-in-lanes layout where each
     row has its own kernels and keeps 48+ of them on average; nchw keeps rows of fewer kept

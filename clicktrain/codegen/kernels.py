@@ -98,6 +98,11 @@ class KernelPlan:
 
 
 DIRECT_ACCUMULATORS = 8  # vector registers an nchw direct-conv tile holds (measured best: choose_rows)
+# nchw grad-input per kernel, on gathered weights: output rows per task, each tile for all of them in
+# turn (they read the same input rows). Measured (session 12, Zen 3, in-process A/Bs, against 1): 32->32
+# 14x14 1.14-1.38x -> 1.39-1.59x of dense, 16->16 28x28 1.11-1.17x -> 1.32-1.34x, 16->16 32x32 1.27-1.36x ->
+# 1.32-1.41x, 64->128 16x16 even; the forward (dense weights) and grouped rows (4x4 blocks) were even or lost
+NCHW_ROW_BLOCK = 8
 
 
 def choose_rows(lanes: int, simd_lanes: int) -> int:
@@ -491,6 +496,7 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                                 gathered_weight=gathers,
                                 channel_block=gi_blocks[0], filter_block=gi_blocks[1], batch_inner=gi_blocks[2],
                                 row_group=group_g,
+                                row_block=NCHW_ROW_BLOCK if gathers and gi_layout == "nchw" and group_g == 1 else 1,
                                 x_tile=chwn_x_tile(iw, row_groups[1]) if gi_layout == "chwn" else 0,
                                 tiles_outer=CHWN_TILES_OUTER and gi_layout == "chwn" and group_g == 1,
                                 # stride 1: the output gradient at (2d - p) in its frame, zeros around

@@ -86,6 +86,8 @@ class DirectConvSpec:
     kept: int = 0
     # chwn: output columns per tile (0: the whole row)
     x_tile: int = 0
+    # nchw: output rows per task (whole groups), each tile of the task for all of them in turn
+    row_block: int = 1
     # chwn: a task walks its tiles, each for all its output rows (else its rows, each for all tiles)
     tiles_outer: bool = False
     # chwn: (first row, end row, first column, end column) of the input frame that holds data
@@ -246,17 +248,22 @@ def direct_conv_llvm(s: DirectConvSpec) -> str:
     register tile of ``row_group x rows x lanes`` output pixels, vectorised along the row.
     The rows of a group share their runs of kept kernels (same source channels and
     patterns: block granularity), so each shifted input vector is loaded once for all of
-    them. chwn: ``direct_conv_chwn_llvm``."""
+    them. With a ``row_block`` a task takes that many rows, each tile for all of them in turn.
+    chwn: ``direct_conv_chwn_llvm``."""
     if s.layout == "chwn":
         return direct_conv_chwn_llvm(s)
     O, R, V, G = s.dst_channels, s.rows, s.lanes, s.row_group
-    assert O % G == 0, "a group's rows share runs"
-    groups = O // G
+    RB = max(G, s.row_block)  # rows per task
+    assert O % G == 0 and RB % G == 0, "a group's rows share runs"
+    blocks = -(-O // RB)
     loops = [("r", R)]
-    batch, y, x = f"bf // {groups}", f"yt * {R} + r", f"xt * {V} + v"
+    batch, y, x = f"bf // {blocks}", f"yt * {R} + r", f"xt * {V} + v"
 
     def row(g: int) -> str:
-        return f"bf % {groups}" if G == 1 else f"bf % {groups} * {G} + {g}"
+        first = f"bf % {blocks}" + (f" * {RB}" if RB > 1 else "")
+        if RB > G:  # the task's groups of rows, fi
+            first += " + fi" + (f" * {G}" if G > 1 else "")
+        return first if G == 1 else f"{first} + {g}"
 
     def buffer(g: int) -> str:
         return f"acc{g}" if G > 1 else "acc"
@@ -264,27 +271,34 @@ def direct_conv_llvm(s: DirectConvSpec) -> str:
     def acc(g: int, lane: str = "v") -> str:
         return f"{buffer(g)}[r, {lane}]"
     lines = prim_func_header(s.name, DIRECT_PARAMS) + _direct_buffers(s)
-    lines += [f"    for bf in T.parallel(n * {groups}):"]
+    lines += [f"    for bf in T.parallel(n * {blocks}):"]
     # one buffer per row of the group: a buffer of 1 KB or more goes to TVM's heap workspace,
     # where LLVM cannot keep it in registers
     lines += [f'        {buffer(g)} = T.alloc_buffer(({R}, {V}), "float32", scope="global")' for g in range(G)]
     lines += [f"        for yt, xt in T.grid({s.out_h // R}, {s.out_w // V}):"]
+    ind = 12
+    if RB > G:  # the task's rows inner: each reads the same input rows as the one before
+        lines.append(" " * ind + f"for fi in range({RB // G}):")
+        ind += 4
+        if O % RB:
+            lines.append(" " * ind + f"if {row(0)} < {O}:")
+            ind += 4
     for g in range(G):
-        lines += _vector_tile(loops, V, 12, f"{acc(g)} = {f'bias[perm[{row(g)}]]' if s.bias else 'T.float32(0)'}")
+        lines += _vector_tile(loops, V, ind, f"{acc(g)} = {f'bias[perm[{row(g)}]]' if s.bias else 'T.float32(0)'}")
     for p in range(len(s.offsets)):
         if not s.offsets[p]:  # a stride phase holding none of the pattern's taps
             continue
-        lines.append(f"            for j in range(ptr[{row(0)}, {p}], ptr[{row(0)}, {p + 1}]):")
+        lines.append(" " * ind + f"for j in range(ptr[{row(0)}, {p}], ptr[{row(0)}, {p + 1}]):")
         for g in range(G):
-            lines += _vector_tile(loops, V, 16, _fma_chain(acc(g), s, p, batch, y, x, _group_weight(s, row(0), g),
-                                                           row=row(g)))
+            lines += _vector_tile(loops, V, ind + 4, _fma_chain(acc(g), s, p, batch, y, x, _group_weight(s, row(0), g),
+                                                                row=row(g)))
     for g in range(G):
         def store(lane: str, g=g) -> str:
             return f"out[{batch}, perm[{row(g)}], yt * {R} + r, xt * {V} + {lane}]"
         if s.out_extent == (s.out_h, s.out_w):
-            lines += _vector_tile(loops, V, 12, f"{store('v')} = {acc(g)}")
+            lines += _vector_tile(loops, V, ind, f"{store('v')} = {acc(g)}")
         else:
-            lines += _clipped_store(s, store, lambda lane, g=g: acc(g, lane))
+            lines += _clipped_store(s, store, lambda lane, g=g: acc(g, lane), ind)
     return "\n".join(lines) + "\n"
 
 
@@ -392,15 +406,15 @@ def direct_conv_chwn_llvm(s: DirectConvSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _clipped_store(s: DirectConvSpec, store, acc) -> list[str]:
+def _clipped_store(s: DirectConvSpec, store, acc, indent: int = 12) -> list[str]:
     """Store an nchw tile into the true-size output (``store(lane)`` / ``acc(lane)``: the
     output and accumulator elements of a lane expression): rows past its height are skipped,
     and the one tile that overhangs its width stores its valid lanes as vectors of
     power-of-two widths (28 valid of 32: 16 + 8 + 4). Lane-by-lane stores there cost a
     16-channel 28x28 forward about a quarter of its time."""
     R, V = s.rows, s.lanes
-    (height, width), pad = s.out_extent, " " * 16
-    lines = [f"            for r in T.unroll({R}):"]
+    (height, width), pad = s.out_extent, " " * (indent + 4)
+    lines = [" " * indent + f"for r in T.unroll({R}):"]
     if height != s.out_h:
         lines.append(f"{pad}if yt * {R} + r < {height}:")
         pad += "    "
