@@ -362,15 +362,16 @@ def test_llvm_cpu_override_refuses_what_cannot_run_here(cpu, error, llvm_cpu):
 
 
 @pytest.mark.parametrize("work", [0, 1 << 40], ids=["gathered", "dense-weight"])
-def test_grad_input_on_gathered_or_dense_weights_matches_masked_dense_conv(work, monkeypatch):
-    """CPU grad-input reads its kept weights gathered in its own order where the layer has
-    work enough (``GATHER_GRAD_INPUT_WORK``), else in the dense weight, as a stride phase
-    does. Either way, on small layers (nchw, chwn, strided), it equals the masked dense conv."""
+def test_kernels_on_gathered_or_dense_weights_match_masked_dense_conv(work, monkeypatch):
+    """CPU grad-input (and an nchw forward per kernel) reads its kept weights gathered in its
+    own order where the layer has work enough (``GATHER_GRAD_INPUT_WORK``), else in the dense
+    weight, as a stride phase does. Either way, on small layers (nchw, chwn, strided), the
+    kernels equal the masked dense conv."""
     import clicktrain.codegen.kernels as K
     monkeypatch.setattr(K, "GATHER_GRAD_INPUT_WORK", work)
     plan = K.plan_kernels(K.ConvGeometry(5, 7, 9, 9, (1, 1), (1, 1), (1, 1)), ct.patterns.fixed_library(4, 4),
                           resolve_target("llvm"))
-    assert plan.grad_input.gathered_weight == (work == 0) and not plan.forward.gathered_weight
+    assert plan.grad_input.gathered_weight == plan.forward.gathered_weight == (work == 0)
     for case in [GRID[1], GRID[6], GRID[10], (2, 9, 6, 12, 12, 1, 1, 1, 0.5, False)]:
         check_against_masked_dense_conv(case)
 
@@ -881,11 +882,11 @@ def test_chwn_tasks_walk_tiles_outer_where_rows_have_their_own_kernels():
     assert loop_order((4, 4)) == (2, ["fi", "yt", "xt"])
 
 
-def test_nchw_grad_input_tasks_take_blocks_of_rows_on_gathered_weights():
+def test_nchw_tasks_take_blocks_of_rows_on_gathered_weights():
     """Before: an nchw grad-input task was one output row (an input channel), each tile of it
     reading a few input rows of every source channel. Expected per kernel, on gathered weights:
     a task of ``NCHW_ROW_BLOCK`` rows walks its tiles outer and its rows inner (a 28-row layer:
-    the last block guarded); the forward (dense weights) and grouped rows keep a row a task."""
+    the last block guarded), the forward likewise; grouped rows keep a group a task."""
     import dataclasses
     from clicktrain.codegen.kernels import NCHW_ROW_BLOCK, ConvGeometry, plan_kernels
     from clicktrain.codegen.templates import direct_conv_llvm
@@ -901,7 +902,10 @@ def test_nchw_grad_input_tasks_take_blocks_of_rows_on_gathered_weights():
     assert f"for bf in T.parallel(n * {-(-28 // NCHW_ROW_BLOCK)}):" in source
     assert source.index("for yt, xt in T.grid") < source.index(f"for fi in range({NCHW_ROW_BLOCK}):")
     assert f"if bf % 4 * {NCHW_ROW_BLOCK} + fi < 28:" in source
-    assert plan((1, 1)).forward.row_block == 1 and plan((4, 4), 32).grad_input.row_block == 1
+    forward = plan((1, 1)).forward
+    assert (forward.layout, forward.gathered_weight, forward.row_block) == ("nchw", True, NCHW_ROW_BLOCK)
+    grouped = plan((4, 4), 32)
+    assert grouped.grad_input.row_block == grouped.forward.row_block == 1 < grouped.grad_input.row_group
 
 
 def test_narrow_rows_of_many_kernels_take_chwn_per_kernel(avx512_plans):

@@ -91,6 +91,11 @@ class KernelPlan:
         return (self.forward, *grad_input, self.grad_weight)
 
     @property
+    def gathers(self) -> bool:
+        """The forward or grad-input reads its kept weights gathered (``gather_weights_llvm``)."""
+        return self.forward.gathered_weight or self.grad_input.gathered_weight
+
+    @property
     def grad_weight_reads_forward_input(self) -> bool:
         """Grad-weight can read the forward's padded input: same layout, same extent."""
         gw, fwd = self.grad_weight, self.forward
@@ -102,7 +107,10 @@ DIRECT_ACCUMULATORS = 8  # vector registers an nchw direct-conv tile holds (meas
 # turn (they read the same input rows). Measured (session 12, Zen 3, in-process A/Bs, against 1): 32->32
 # 14x14 1.14-1.38x -> 1.39-1.59x of dense, 16->16 28x28 1.11-1.17x -> 1.32-1.34x, 16->16 32x32 1.27-1.36x ->
 # 1.32-1.41x, 64->128 16x16 even; the forward (dense weights) and grouped rows (4x4 blocks) were even or lost
+# The forward per kernel gathers its weights too, for the same blocks (dense weights: even or lost):
+# 32->32 14x14 1.30-1.42x -> 1.59-1.63x, 16->16 28x28 / 32x32 and 64->128 16x16 even to +10 %.
 NCHW_ROW_BLOCK = 8
+NCHW_FORWARD_GATHERS = True
 
 
 def choose_rows(lanes: int, simd_lanes: int) -> int:
@@ -477,6 +485,8 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                              l2_bytes=target.l2_bytes) if fwd_layout == "chwn" else (0, 1, False)
     gathers = (GATHER_GRAD_INPUT and not (cuda or phased)
                and geom.in_channels * geom.out_channels * geom.in_h * geom.in_w >= GATHER_GRAD_INPUT_WORK)
+    fwd_gathers = (NCHW_FORWARD_GATHERS and fwd_layout == "nchw" and group_f == 1 and not cuda
+                   and geom.in_channels * geom.out_channels * geom.in_h * geom.in_w >= GATHER_GRAD_INPUT_WORK)
     gi_weight_bytes = GROUPED_GATHERED_WEIGHT_BYTES if gathers and group_g > 1 else 64
     gi_blocks = chwn_blocks(geom.out_channels, geom.in_channels, *gi_in, lanes_g, gi_weight_bytes,
                             group=group_g, l2_bytes=target.l2_bytes) if gi_layout == "chwn" else (0, 1, False)
@@ -486,7 +496,8 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                              # strided rows read column phases: measured 1.4-2.3x faster forward
                              phases=sw if fwd_layout == "nchw" and not cuda else 1,
                              channel_block=fwd_blocks[0], filter_block=fwd_blocks[1], batch_inner=fwd_blocks[2],
-                             row_group=group_f,
+                             row_group=group_f, gathered_weight=fwd_gathers,
+                             row_block=NCHW_ROW_BLOCK if fwd_gathers else 1,
                              x_tile=chwn_x_tile(ow, row_groups[0]) if fwd_layout == "chwn" else 0,
                              tiles_outer=CHWN_TILES_OUTER and fwd_layout == "chwn" and group_f == 1,
                              valid=(ph, ph + geom.in_h, pw, pw + geom.in_w) if fwd_layout == "chwn" else ())
@@ -582,7 +593,7 @@ def kernel_sources(plan: KernelPlan, target: KernelTarget) -> dict[str, str]:
     direct, wgrad = (direct_conv_cuda, grad_weight_cuda) if cuda else (direct_conv_llvm, grad_weight_llvm)
     sources = {spec.name: (wgrad if spec is plan.grad_weight else direct)(spec) for spec in plan.specs}
     sources.update({spec.name: relayout_llvm(spec) for spec in plan.relayouts.values()})
-    if plan.grad_input.gathered_weight:
+    if plan.gathers:
         sources[gather_name(plan.grad_input.k)] = gather_weights_llvm(gather_name(plan.grad_input.k), plan.grad_input.k)
     return sources
 
@@ -602,7 +613,7 @@ class LayerKernels:
     compile_seconds: float = 0.0
     cache_hits: int = 0
     relayouts: dict = field(default_factory=dict)  # role -> compiled copy (plan.relayouts)
-    gather_weights: object = None  # grad-input's weight gather, where plan.grad_input.gathered_weight
+    gather_weights: object = None  # the weight gather, where plan.gathers
     grad_input_phases: tuple = ()  # compiled plan.grad_input_phases (grad_input is then None)
 
     @classmethod
@@ -622,7 +633,7 @@ class LayerKernels:
         started = [start_compile(spec.name, sources[spec.name], target, load=runnable) for spec in plan.specs]
         copies = {role: start_compile(spec.name, sources[spec.name], target) for role, spec in plan.relayouts.items()}
         gather = gather_name(plan.grad_input.k)
-        if plan.grad_input.gathered_weight:
+        if plan.gathers:
             copies[gather] = start_compile(gather, sources[gather], target)
 
         def collect() -> "LayerKernels":
@@ -705,9 +716,9 @@ class LayerIndex:
             return t.to(device=device, dtype=torch.int32).contiguous()
         return cls(fwd, bwd, i32(fwd.pattern_ptr()), i32(fwd.kernel_channel), i32(fwd.perm),
                    i32(bwd.pattern_ptr()), i32(bwd.kernel_channel), i32(bwd.perm), *map(i32, blocks),
-                   # a gathering grad-input reads a group's rows' weights side by side
-                   i32(fwd.weight_index), i32(bwd.weight_index[bwd.group_interleaved()]
-                                               if plan.grad_input.gathered_weight else bwd.weight_index),
+                   # a gathering kernel reads a group's rows' weights side by side
+                   *(i32(layout.weight_index[layout.group_interleaved()] if spec.gathered_weight else layout.weight_index)
+                     for layout, spec in ((fwd, plan.forward), (bwd, plan.grad_input))),
                    ~kernel_masks(library, pattern_ids).to(device))
 
     def handle(self, name: str):
