@@ -109,7 +109,11 @@ DIRECT_ACCUMULATORS = 8  # vector registers an nchw direct-conv tile holds (meas
 # 1.32-1.41x, 64->128 16x16 even; the forward (dense weights) and grouped rows (4x4 blocks) were even or lost
 # The forward per kernel gathers its weights too, for the same blocks (dense weights: even or lost):
 # 32->32 14x14 1.30-1.42x -> 1.59-1.63x, 16->16 28x28 / 32x32 and 64->128 16x16 even to +10 %.
+# Rows keeping fewer than NCHW_ROW_BLOCK_KERNELS kernels on average keep a row a task: with half the kernels
+# dropped, 16->16 28x28 / 32x32 forward lost 2.35-2.68x -> 2.03-2.14x / 2.34-2.49x -> 2.20-2.41x (8 a row), while
+# 32->32 14x14 (16 a row) stayed even.
 NCHW_ROW_BLOCK = 8
+NCHW_ROW_BLOCK_KERNELS = 16
 NCHW_FORWARD_GATHERS = True
 
 
@@ -466,6 +470,7 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     flipped = tuple(tuple(((2 - dy) * dh, (2 - dx) * dw) for dy, dx in pattern_offsets(p)) for p in library)
     cuda = target.name == "cuda"
     fwd_layout, gi_layout, gw_layout = choose_layouts(geom, target.simd_lanes, cuda, row_groups, row_kernels)
+    kernels_f, kernels_g = row_kernels or (geom.in_channels, geom.out_channels)
     group_f, rows_f, lanes_f, oh, ow = _tile(fwd_layout, geom.out_h, geom.out_w, target, cuda, row_groups[0])
     group_g, rows_g, lanes_g, ih, iw = _tile(gi_layout, geom.in_h, geom.in_w, target, cuda, row_groups[1])
     fwd_in = ((oh - 1) * sh + 2 * dh + 1, (ow - 1) * sw + 2 * dw + 1)
@@ -497,7 +502,7 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                              phases=sw if fwd_layout == "nchw" and not cuda else 1,
                              channel_block=fwd_blocks[0], filter_block=fwd_blocks[1], batch_inner=fwd_blocks[2],
                              row_group=group_f, gathered_weight=fwd_gathers,
-                             row_block=NCHW_ROW_BLOCK if fwd_gathers else 1,
+                             row_block=NCHW_ROW_BLOCK if fwd_gathers and kernels_f >= NCHW_ROW_BLOCK_KERNELS else 1,
                              x_tile=chwn_x_tile(ow, row_groups[0]) if fwd_layout == "chwn" else 0,
                              tiles_outer=CHWN_TILES_OUTER and fwd_layout == "chwn" and group_f == 1,
                              valid=(ph, ph + geom.in_h, pw, pw + geom.in_w) if fwd_layout == "chwn" else ())
@@ -507,7 +512,8 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                                 gathered_weight=gathers,
                                 channel_block=gi_blocks[0], filter_block=gi_blocks[1], batch_inner=gi_blocks[2],
                                 row_group=group_g,
-                                row_block=NCHW_ROW_BLOCK if gathers and gi_layout == "nchw" and group_g == 1 else 1,
+                                row_block=NCHW_ROW_BLOCK if gathers and gi_layout == "nchw" and group_g == 1
+                                and kernels_g >= NCHW_ROW_BLOCK_KERNELS else 1,
                                 x_tile=chwn_x_tile(iw, row_groups[1]) if gi_layout == "chwn" else 0,
                                 tiles_outer=CHWN_TILES_OUTER and gi_layout == "chwn" and group_g == 1,
                                 # stride 1: the output gradient at (2d - p) in its frame, zeros around
