@@ -363,12 +363,12 @@ def test_llvm_cpu_override_refuses_what_cannot_run_here(cpu, error, llvm_cpu):
 
 @pytest.mark.parametrize("work", [0, 1 << 40], ids=["gathered", "dense-weight"])
 def test_kernels_on_gathered_or_dense_weights_match_masked_dense_conv(work, monkeypatch):
-    """CPU grad-input (and an nchw forward per kernel) reads its kept weights gathered in its
-    own order where the layer has work enough (``GATHER_GRAD_INPUT_WORK``), else in the dense
+    """CPU grad-input (and the forward per kernel) reads its kept weights gathered in its
+    own order where the layer has work enough (``GATHER_WORK``), else in the dense
     weight, as a stride phase does. Either way, on small layers (nchw, chwn, strided), the
     kernels equal the masked dense conv."""
     import clicktrain.codegen.kernels as K
-    monkeypatch.setattr(K, "GATHER_GRAD_INPUT_WORK", work)
+    monkeypatch.setattr(K, "GATHER_WORK", work)
     plan = K.plan_kernels(K.ConvGeometry(5, 7, 9, 9, (1, 1), (1, 1), (1, 1)), ct.patterns.fixed_library(4, 4),
                           resolve_target("llvm"))
     assert plan.grad_input.gathered_weight == plan.forward.gathered_weight == (work == 0)
@@ -383,7 +383,7 @@ def test_grouped_grad_input_on_gathered_weights_matches_masked_dense_conv(case, 
     their runs; gathered, each run entry's weights of the whole group lie side by side.
     Forced on small layers (nchw and chwn), it equals the masked dense conv."""
     import clicktrain.codegen.kernels as K
-    monkeypatch.setattr(K, "GATHER_GRAD_INPUT_WORK", 0)
+    monkeypatch.setattr(K, "GATHER_WORK", 0)
     conv = check_against_masked_dense_conv(case, (4, 4))
     n, c, o, h, w = case[:5]
     spec = conv.kernels_for((h, w), (o, c, 3, 3)).plan.grad_input

@@ -106,15 +106,19 @@ DIRECT_ACCUMULATORS = 8  # vector registers an nchw direct-conv tile holds (meas
 # nchw grad-input per kernel, on gathered weights: output rows per task, each tile for all of them in
 # turn (they read the same input rows). Measured (session 12, Zen 3, in-process A/Bs, against 1): 32->32
 # 14x14 1.14-1.38x -> 1.39-1.59x of dense, 16->16 28x28 1.11-1.17x -> 1.32-1.34x, 16->16 32x32 1.27-1.36x ->
-# 1.32-1.41x, 64->128 16x16 even; the forward (dense weights) and grouped rows (4x4 blocks) were even or lost
-# The forward per kernel gathers its weights too, for the same blocks (dense weights: even or lost):
-# 32->32 14x14 1.30-1.42x -> 1.59-1.63x, 16->16 28x28 / 32x32 and 64->128 16x16 even to +10 %.
+# 1.32-1.41x, 64->128 16x16 even; the forward on the dense weight and grouped rows (4x4 blocks) even or lost.
 # Rows keeping fewer than NCHW_ROW_BLOCK_KERNELS kernels on average keep a row a task: with half the kernels
 # dropped, 16->16 28x28 / 32x32 forward lost 2.35-2.68x -> 2.03-2.14x / 2.34-2.49x -> 2.20-2.41x (8 a row), while
 # 32->32 14x14 (16 a row) stayed even.
 NCHW_ROW_BLOCK = 8
 NCHW_ROW_BLOCK_KERNELS = 16
-NCHW_FORWARD_GATHERS = True
+# The forward per kernel gathers its weights as grad-input does (16 contiguous bytes a kept kernel instead of
+# 36 apart), on layers of work enough (GATHER_WORK). chwn, 4/9 / half the kernels dropped:
+# 512->512 4x4 1.48-1.56x -> 2.00-2.18x / 2.17x -> 3.34x, 256->512 4x4 1.65x -> 2.08x / 2.52x -> 3.41x,
+# 256->256 7x7 / 8x8 1.38-1.57x -> 1.67-1.88x, 512->512 2x2 1.56x -> 1.88x, 64->64 7x7 +5-10 %; nchw (with
+# row blocks): 32->32 14x14 1.30-1.42x -> 1.59-1.63x, 16->16 28x28 / 32x32, 64->128 16x16 even to +10 %.
+# Grouped rows read theirs 36 bytes apart a row, G rows side by side: gathering them was even (two runs).
+GATHER_FORWARD = True
 
 
 def choose_rows(lanes: int, simd_lanes: int) -> int:
@@ -255,11 +259,11 @@ CHWN_WEIGHT_L2_SHARE = 0.75  # a row group's weights beyond this share of a core
 # 1.21x -> 1.75x, 512->512 2x2 1.60x -> 1.93x, 256->256 7x7 1.24x -> 1.36x, 128->256 8x8 / 7x7
 # 1.07-1.20x -> 1.22-1.27x / 1.13-1.22x -> 1.36-1.45x, per kernel 128->256 1.13-1.15x -> 1.33-1.47x;
 # on 16- to 64-channel layers even to 14 % faster (64->64 7x7 in 4x4 blocks 1.28x -> 1.48x). The gather
-# is one more call: on layers of little work (in x out channels x pixels under GATHER_GRAD_INPUT_WORK) it
+# is one more call: on layers of little work (in x out channels x pixels under GATHER_WORK) it
 # cost more than it saved (64->64 4x4 1.86-2.03x -> 1.63-1.79x, 32->32 8x8 2.23-2.66x -> 2.22-2.38x;
 # 16->16 28x28, 64->64 7x7 and 128->128 4x4, 2-4 times the work, even or faster)
 GATHER_GRAD_INPUT = True
-GATHER_GRAD_INPUT_WORK = 1 << 17
+GATHER_WORK = 1 << 17
 # chwn_blocks counts a grouped, gathered kernel's weights as this many bytes (read one filter apart: a cache
 # line). Measured (session 12, Zen 3, in-process A/Bs, grad-input, 4x4 blocks): 256->256 8x8 then walks rows
 # first, 1.12-1.22x -> 1.29-1.46x of dense in four runs. Per kernel, gathered rows keep the cache line: 16 bytes
@@ -489,9 +493,9 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     fwd_blocks = chwn_blocks(geom.in_channels, geom.out_channels, *fwd_in, lanes_f, group=group_f,
                              l2_bytes=target.l2_bytes) if fwd_layout == "chwn" else (0, 1, False)
     gathers = (GATHER_GRAD_INPUT and not (cuda or phased)
-               and geom.in_channels * geom.out_channels * geom.in_h * geom.in_w >= GATHER_GRAD_INPUT_WORK)
-    fwd_gathers = (NCHW_FORWARD_GATHERS and fwd_layout == "nchw" and group_f == 1 and not cuda
-                   and geom.in_channels * geom.out_channels * geom.in_h * geom.in_w >= GATHER_GRAD_INPUT_WORK)
+               and geom.in_channels * geom.out_channels * geom.in_h * geom.in_w >= GATHER_WORK)
+    fwd_gathers = (GATHER_FORWARD and group_f == 1 and not cuda
+                   and geom.in_channels * geom.out_channels * geom.in_h * geom.in_w >= GATHER_WORK)
     gi_weight_bytes = GROUPED_GATHERED_WEIGHT_BYTES if gathers and group_g > 1 else 64
     gi_blocks = chwn_blocks(geom.out_channels, geom.in_channels, *gi_in, lanes_g, gi_weight_bytes,
                             group=group_g, l2_bytes=target.l2_bytes) if gi_layout == "chwn" else (0, 1, False)
@@ -502,7 +506,8 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                              phases=sw if fwd_layout == "nchw" and not cuda else 1,
                              channel_block=fwd_blocks[0], filter_block=fwd_blocks[1], batch_inner=fwd_blocks[2],
                              row_group=group_f, gathered_weight=fwd_gathers,
-                             row_block=NCHW_ROW_BLOCK if fwd_gathers and kernels_f >= NCHW_ROW_BLOCK_KERNELS else 1,
+                             row_block=NCHW_ROW_BLOCK if fwd_gathers and fwd_layout == "nchw"
+                             and kernels_f >= NCHW_ROW_BLOCK_KERNELS else 1,
                              x_tile=chwn_x_tile(ow, row_groups[0]) if fwd_layout == "chwn" else 0,
                              tiles_outer=CHWN_TILES_OUTER and fwd_layout == "chwn" and group_f == 1,
                              valid=(ph, ph + geom.in_h, pw, pw + geom.in_w) if fwd_layout == "chwn" else ())
