@@ -236,7 +236,13 @@ def chwn_tile(height: int, width: int, block: int, registers: int) -> tuple[int,
     session 10, forward / grad-input of dense): 256->512 4x4 per kernel 1.74x / 1.47x with the
     whole map, 1.29x / 1.33x in halves; 512->512 2x2 in 4x4 blocks 2.26x / 1.39x against
     1.90x / 1.18x; where the map does not fit either way, the halved budget won (64->64 8x8
-    1.26x -> 1.46x, 4x4 blocks on 128->256 8x8 0.60x -> 1.79x)."""
+    1.26x -> 1.46x, 4x4 blocks on 128->256 8x8 0.60x -> 1.79x). Where a group's whole map
+    does not fit but one row's does (a 4x4 map in 4x4 blocks), the whole map ungrouped beat
+    the group's halved tile on AVX2 (``CHWN_WHOLE_MAP_UNGROUPED``, session 12, in-process
+    A/Bs, forward / grad-input, three runs): 512->512 4x4 1.68-1.70x / 1.38-1.52x -> 2.17x /
+    1.59-1.65x, 256->512 4x4 1.77-2.05x / 1.27-1.70x -> 1.66-2.41x / 1.42-1.68x, 128->128 4x4
+    2.06x / 1.53x -> 2.42x / 1.70x (it also gathers the forward's weights, per kernel); with
+    half the kernels dropped 256->512 forward 3.15x -> 4.17x, the others even."""
     def tile(budget: int) -> tuple[int, int, int]:
         group = 1  # a power of two (as ``block`` is) with a tile's row of accumulators each
         columns = chwn_x_tile(width, block) or width
@@ -246,7 +252,10 @@ def chwn_tile(height: int, width: int, block: int, registers: int) -> tuple[int,
     group, rows, columns = tile(CHWN_ACCUMULATORS)
     if rows >= height and columns == width:
         return group, rows, columns
-    return tile(accumulators(CHWN_ACCUMULATORS, registers))
+    budget = accumulators(CHWN_ACCUMULATORS, registers)
+    if CHWN_WHOLE_MAP_UNGROUPED and budget < CHWN_ACCUMULATORS and height * width <= CHWN_ACCUMULATORS:
+        return 1, height, width  # rather than a group's tile shrunk to the registers
+    return tile(budget)
 
 
 CHWN_BLOCK_BYTES = 96 * 1024  # a chwn task's block of source channels (one batch block's input), kept in L2
@@ -312,6 +321,7 @@ def choose_row_group(block: int, lanes: int, simd_lanes: int, registers: int = 3
 
 
 CHWN_TILES_OUTER = True  # chwn: a task's tiles outer, its output rows inner (DirectConvSpec.tiles_outer)
+CHWN_WHOLE_MAP_UNGROUPED = True  # chwn_tile: one row's whole map rather than a group's shrunk tile (AVX2)
 CHWN_X_TILE = 4  # chwn: output columns per tile on wider rows where ids come in groups of 4 (0: whole rows)
 
 
