@@ -911,6 +911,22 @@ def test_nchw_tasks_take_blocks_of_rows_on_gathered_weights():
     assert grouped.grad_input.row_block == grouped.forward.row_block == 1 < grouped.grad_input.row_group
 
 
+def test_chwn_rows_wider_than_the_registers_split_into_column_tiles(llvm_cpu):
+    """Before: on AVX2 (8 accumulators) a 14-wide chwn row was one tile of 14 accumulators,
+    spilled. Expected: the widest divisor of the row that fits (7); AVX-512 (16) keeps whole
+    rows; a row with no such divisor (13) stays whole. Numerics as the masked dense conv."""
+    from clicktrain.codegen.kernels import chwn_tile
+    assert chwn_tile(14, 14, 1, 16) == (1, 1, 7) and chwn_tile(14, 14, 1, 32) == (1, 1, 14)
+    assert chwn_tile(12, 12, 1, 16) == (1, 1, 6) and chwn_tile(13, 13, 1, 16) == (1, 1, 13)
+    if "avx2" not in _cpu_flags():
+        pytest.skip("this CPU lacks avx2")
+    llvm_cpu("x86-64-v3")
+    conv = check_against_masked_dense_conv((3, 48, 56, 14, 14, 1, 1, 1, 0.0, True))
+    plan = conv.kernels_for((14, 14), (56, 48, 3, 3)).plan
+    assert (plan.forward.layout, plan.forward.x_tile, plan.grad_input.layout, plan.grad_input.x_tile) == \
+        ("chwn", 7, "chwn", 7)
+
+
 def test_narrow_rows_of_many_kernels_take_chwn_per_kernel(avx512_plans):
     """Rows narrower than a vector (14 of 16 lanes) take the batch-in-lanes layout where each
     row has its own kernels and keeps 48+ of them on average; nchw keeps rows of fewer kept

@@ -246,6 +246,9 @@ def chwn_tile(height: int, width: int, block: int, registers: int) -> tuple[int,
     def tile(budget: int) -> tuple[int, int, int]:
         group = 1  # a power of two (as ``block`` is) with a tile's row of accumulators each
         columns = chwn_x_tile(width, block) or width
+        if CHWN_SPLIT_WIDE_ROWS and columns > budget:  # a row wider than the budget: the widest divisor that fits
+            columns = max(d for d in range(1, budget + 1) if width % d == 0)
+            columns = columns if 2 * columns > budget else width
         while 2 * group <= min(block, MAX_ROW_GROUP, budget // columns):
             group *= 2
         return group, choose_chwn_rows(height, columns, group, budget), columns
@@ -322,6 +325,12 @@ def choose_row_group(block: int, lanes: int, simd_lanes: int, registers: int = 3
 
 CHWN_TILES_OUTER = True  # chwn: a task's tiles outer, its output rows inner (DirectConvSpec.tiles_outer)
 CHWN_WHOLE_MAP_UNGROUPED = True  # chwn_tile: one row's whole map rather than a group's shrunk tile (AVX2)
+# chwn_tile: a row wider than the accumulator budget (AVX2's 8: rows of 9-15, chwn per kernel where they keep
+# 48+ kernels) is tiled by its widest divisor that fits, not spilled as a whole. Session 12, Zen 3, in-process
+# A/Bs, forward / grad-input, 14x14, 4/9: 64->128 1.19 / 0.96x -> 1.40 / 1.29x, 128->128 1.26 / 1.10x -> 1.37 /
+# 1.35x, 128->64 1.37 / 0.95x -> 1.47 / 1.27x, 64->64 1.41 / 1.05x -> 1.46 / 1.15x; half the kernels dropped
+# even to +20 % (128->64 grad-input 2.12x -> 2.01x the one loss)
+CHWN_SPLIT_WIDE_ROWS = True
 CHWN_X_TILE = 4  # chwn: output columns per tile on wider rows where ids come in groups of 4 (0: whole rows)
 
 
@@ -336,6 +345,12 @@ def chwn_x_tile(width: int, block: int) -> int:
     ``benchmarks/tile_variants.py --vary xtile --pattern-block 4x4`` afterwards: forward
     even, grad-input 5-12 % faster."""
     return CHWN_X_TILE if CHWN_X_TILE and width > CHWN_X_TILE and width % CHWN_X_TILE == 0 and block >= 4 else 0
+
+
+def _chwn_columns(height: int, width: int, block: int, target: KernelTarget) -> int:
+    """A chwn tile's columns where it splits its rows (``DirectConvSpec.x_tile``), else 0."""
+    columns = chwn_tile(height, width, block, target.vector_registers)[2]
+    return columns if columns < width else 0
 
 
 def _tile(layout: str, height: int, width: int, target: KernelTarget, cuda: bool,
@@ -518,7 +533,7 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                              row_group=group_f, gathered_weight=fwd_gathers,
                              row_block=NCHW_ROW_BLOCK if fwd_gathers and fwd_layout == "nchw"
                              and kernels_f >= NCHW_ROW_BLOCK_KERNELS else 1,
-                             x_tile=chwn_x_tile(ow, row_groups[0]) if fwd_layout == "chwn" else 0,
+                             x_tile=_chwn_columns(geom.out_h, ow, row_groups[0], target) if fwd_layout == "chwn" else 0,
                              tiles_outer=CHWN_TILES_OUTER and fwd_layout == "chwn" and group_f == 1,
                              valid=(ph, ph + geom.in_h, pw, pw + geom.in_w) if fwd_layout == "chwn" else ())
     grad_input = DirectConvSpec(f"ct_dgrad_{gi_layout}_{gi_tag}", geom.out_channels, geom.in_channels, gi_in[0], gi_in[1],
@@ -529,7 +544,7 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                                 row_group=group_g,
                                 row_block=NCHW_ROW_BLOCK if gathers and gi_layout == "nchw" and group_g == 1
                                 and kernels_g >= NCHW_ROW_BLOCK_KERNELS else 1,
-                                x_tile=chwn_x_tile(iw, row_groups[1]) if gi_layout == "chwn" else 0,
+                                x_tile=_chwn_columns(geom.in_h, iw, row_groups[1], target) if gi_layout == "chwn" else 0,
                                 tiles_outer=CHWN_TILES_OUTER and gi_layout == "chwn" and group_g == 1,
                                 # stride 1: the output gradient at (2d - p) in its frame, zeros around
                                 valid=(2 * dh - ph, 2 * dh - ph + geom.out_h, 2 * dw - pw, 2 * dw - pw + geom.out_w)
