@@ -73,7 +73,7 @@ class DirectConvSpec:
     # chwn: consecutive tasks take the same output rows for the next block of images (instead
     # of the next rows for the same images), so a group's weights are reused from cache
     batch_inner: bool = False
-    # CPU grad-input (its rows' weights are one filter apart in the dense weight) and an nchw
+    # CPU grad-input (its rows' weights are one filter apart in the dense weight) and the
     # forward per kernel, on layers of work enough: the kept weights come gathered in the
     # kernel's own order, (kept kernels, k), by ``gather_weights_llvm``; a group's rows'
     # weights of one run entry side by side (``FilterKernelLayout.group_interleaved``)
