@@ -347,23 +347,18 @@ def chwn_x_tile(width: int, block: int) -> int:
     return CHWN_X_TILE if CHWN_X_TILE and width > CHWN_X_TILE and width % CHWN_X_TILE == 0 and block >= 4 else 0
 
 
-def _chwn_columns(height: int, width: int, block: int, target: KernelTarget) -> int:
-    """A chwn tile's columns where it splits its rows (``DirectConvSpec.x_tile``), else 0."""
-    columns = chwn_tile(height, width, block, target.vector_registers)[2]
-    return columns if columns < width else 0
-
-
 def _tile(layout: str, height: int, width: int, target: KernelTarget, cuda: bool,
-          block: int = 1) -> tuple[int, int, int, int, int]:
-    """(row group, rows, lanes, padded height, padded width) of a direct-conv output tile."""
-    if layout == "chwn":  # lanes along the batch; the tile is whole output rows, or tiles of them (chwn_x_tile)
-        group, rows, _ = chwn_tile(height, width, block, target.vector_registers)
-        return group, rows, target.simd_lanes, _round_up(height, rows), width
+          block: int = 1) -> tuple[int, int, int, int, int, int]:
+    """(row group, rows, lanes, padded height, padded width, columns where a chwn tile splits
+    its rows, else 0: ``DirectConvSpec.x_tile``) of a direct-conv output tile."""
+    if layout == "chwn":  # lanes along the batch; the tile is whole output rows, or tiles of them (chwn_tile)
+        group, rows, columns = chwn_tile(height, width, block, target.vector_registers)
+        return group, rows, target.simd_lanes, _round_up(height, rows), width, columns if columns < width else 0
     if cuda:
-        return 1, 1, 1, height, width
+        return 1, 1, 1, height, width, 0
     lanes = choose_lanes(width, target.simd_lanes)
     group, rows = choose_row_group(block, lanes, target.simd_lanes, target.vector_registers)
-    return group, rows, lanes, _round_up(height, rows), _round_up(width, lanes)
+    return group, rows, lanes, _round_up(height, rows), _round_up(width, lanes), 0
 
 
 GRAD_WEIGHT_GROUP = 2  # measured on AVX-512 (docs/performance.md): 2 beats 1 by 6-30 %
@@ -478,7 +473,7 @@ def plan_grad_input_phases(geom: ConvGeometry, library: torch.Tensor, target: Ke
     top, left = max(0, -min(offsets_y)), max(0, -min(offsets_x))
     frame = (max(t[3] for *_, t in found) + max(offsets_y) + top, max(t[4] for *_, t in found) + max(offsets_x) + left)
     phases = []
-    for (ry, rx), q, (ty, tx), (group, rows, lanes, qh, qw) in found:
+    for (ry, rx), q, (ty, tx), (group, rows, lanes, qh, qw, _) in found:
         kept = [[(3 * dy + dx, (ty[dy] + top, tx[dx] + left)) for dy, dx in pattern_offsets(p) if dy in ty and dx in tx]
                 for p in library]
         phases.append(((ry, rx), dataclasses.replace(
@@ -500,8 +495,8 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     cuda = target.name == "cuda"
     fwd_layout, gi_layout, gw_layout = choose_layouts(geom, target.simd_lanes, cuda, row_groups, row_kernels)
     kernels_f, kernels_g = row_kernels or (geom.in_channels, geom.out_channels)
-    group_f, rows_f, lanes_f, oh, ow = _tile(fwd_layout, geom.out_h, geom.out_w, target, cuda, row_groups[0])
-    group_g, rows_g, lanes_g, ih, iw = _tile(gi_layout, geom.in_h, geom.in_w, target, cuda, row_groups[1])
+    group_f, rows_f, lanes_f, oh, ow, columns_f = _tile(fwd_layout, geom.out_h, geom.out_w, target, cuda, row_groups[0])
+    group_g, rows_g, lanes_g, ih, iw, columns_g = _tile(gi_layout, geom.in_h, geom.in_w, target, cuda, row_groups[1])
     fwd_in = ((oh - 1) * sh + 2 * dh + 1, (ow - 1) * sw + 2 * dw + 1)
     gi_in = (ih - 1 + 2 * dh + 1, iw - 1 + 2 * dw + 1)
     tag = f"{geom.tag()}_{abs(hash(fwd_offsets)) % 10**8}"
@@ -517,10 +512,17 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     C9 = geom.in_channels * 9
     fwd_blocks = chwn_blocks(geom.in_channels, geom.out_channels, *fwd_in, lanes_f, group=group_f,
                              l2_bytes=target.l2_bytes) if fwd_layout == "chwn" else (0, 1, False)
-    gathers = (GATHER_GRAD_INPUT and not (cuda or phased)
-               and geom.in_channels * geom.out_channels * geom.in_h * geom.in_w >= GATHER_WORK)
-    fwd_gathers = (GATHER_FORWARD and group_f == 1 and not cuda
-                   and geom.in_channels * geom.out_channels * geom.in_h * geom.in_w >= GATHER_WORK)
+    work_enough = not cuda and geom.in_channels * geom.out_channels * geom.in_h * geom.in_w >= GATHER_WORK
+    gathers = GATHER_GRAD_INPUT and work_enough and not phased
+    fwd_gathers = GATHER_FORWARD and work_enough and group_f == 1
+
+    def task_order(gathered: bool, layout: str, group: int, kernels: float) -> dict:
+        """Rows with their own kernels: an nchw task takes a block of them on gathered weights
+        (where they keep enough kernels), a chwn task walks its tiles outer."""
+        own = group == 1
+        return dict(row_block=NCHW_ROW_BLOCK if own and gathered and layout == "nchw"
+                    and kernels >= NCHW_ROW_BLOCK_KERNELS else 1,
+                    tiles_outer=own and CHWN_TILES_OUTER and layout == "chwn")
     gi_weight_bytes = GROUPED_GATHERED_WEIGHT_BYTES if gathers and group_g > 1 else 64
     gi_blocks = chwn_blocks(geom.out_channels, geom.in_channels, *gi_in, lanes_g, gi_weight_bytes,
                             group=group_g, l2_bytes=target.l2_bytes) if gi_layout == "chwn" else (0, 1, False)
@@ -530,22 +532,16 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                              # strided rows read column phases: measured 1.4-2.3x faster forward
                              phases=sw if fwd_layout == "nchw" and not cuda else 1,
                              channel_block=fwd_blocks[0], filter_block=fwd_blocks[1], batch_inner=fwd_blocks[2],
-                             row_group=group_f, gathered_weight=fwd_gathers,
-                             row_block=NCHW_ROW_BLOCK if fwd_gathers and fwd_layout == "nchw"
-                             and kernels_f >= NCHW_ROW_BLOCK_KERNELS else 1,
-                             x_tile=_chwn_columns(geom.out_h, ow, row_groups[0], target) if fwd_layout == "chwn" else 0,
-                             tiles_outer=CHWN_TILES_OUTER and fwd_layout == "chwn" and group_f == 1,
+                             row_group=group_f, gathered_weight=fwd_gathers, x_tile=columns_f,
+                             **task_order(fwd_gathers, fwd_layout, group_f, kernels_f),
                              valid=(ph, ph + geom.in_h, pw, pw + geom.in_w) if fwd_layout == "chwn" else ())
     grad_input = DirectConvSpec(f"ct_dgrad_{gi_layout}_{gi_tag}", geom.out_channels, geom.in_channels, gi_in[0], gi_in[1],
                                 ih, iw, (1, 1), flipped, rows_g, lanes_g, bias=False, layout=gi_layout,
                                 stored=gi_stored, positions=positions, strides=(9, C9),
                                 gathered_weight=gathers,
                                 channel_block=gi_blocks[0], filter_block=gi_blocks[1], batch_inner=gi_blocks[2],
-                                row_group=group_g,
-                                row_block=NCHW_ROW_BLOCK if gathers and gi_layout == "nchw" and group_g == 1
-                                and kernels_g >= NCHW_ROW_BLOCK_KERNELS else 1,
-                                x_tile=_chwn_columns(geom.in_h, iw, row_groups[1], target) if gi_layout == "chwn" else 0,
-                                tiles_outer=CHWN_TILES_OUTER and gi_layout == "chwn" and group_g == 1,
+                                row_group=group_g, x_tile=columns_g,
+                                **task_order(gathers, gi_layout, group_g, kernels_g),
                                 # stride 1: the output gradient at (2d - p) in its frame, zeros around
                                 valid=(2 * dh - ph, 2 * dh - ph + geom.out_h, 2 * dw - pw, 2 * dw - pw + geom.out_w)
                                 if gi_layout == "chwn" and geom.stride == (1, 1) else ())
@@ -555,7 +551,7 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     elif fwd_layout == "nchw":  # the forward's padded input serves as is
         gw_lanes, gw_w = (1 if cuda else min(lanes_f, target.simd_lanes)), ow
     else:  # a chwn forward's row is not an nchw tile: grad-weight tiles its own and pads its own input
-        _, _, lanes_n, _, gw_w = _tile("nchw", geom.out_h, geom.out_w, target, cuda)
+        _, _, lanes_n, _, gw_w, _ = _tile("nchw", geom.out_h, geom.out_w, target, cuda)
         gw_lanes = min(lanes_n, target.simd_lanes)
     gw_in_w = max(fwd_in[1], (gw_w - 1) * sw + 2 * dw + 1)
     grad_weight = GradWeightSpec(f"ct_wgrad_{gw_layout}_{tag}", geom.in_channels, geom.out_channels,
