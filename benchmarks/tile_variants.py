@@ -66,7 +66,7 @@ STRIDE = {"phases": 2, "weave": 2}  # the layers' stride (1 unless named)
 def runner_with(vary: str, value: str, weight, library, ids, hw, target, row_groups=(1, 1)):
     """A LayerRunner whose plan uses ``value`` for the varied choice (the defaults otherwise)."""
     saved = K.grad_weight_group, K.choose_rows, K.choose_layouts, K.STRIDE_PHASES, K.GRAD_WEIGHT_SLICE_KERNELS, \
-        K.GRAD_WEIGHT_SLICE_BYTES, K.WEAVE_PHASES, K.CHWN_X_TILE
+        K.GRAD_WEIGHT_SLICES, K.WEAVE_PHASES, K.CHWN_X_TILE, K.GRAD_WEIGHT_SLICE_PIXELS
     if vary == "rowgroup":  # at most ``value`` rows per group (the ids' own groups at most)
         row_groups = tuple(min(int(value), g) for g in row_groups)
     K.STRIDE_PHASES = value != "off" if vary == "phases" else saved[3]
@@ -81,13 +81,13 @@ def runner_with(vary: str, value: str, weight, library, ids, hw, target, row_gro
     elif vary == "layout":
         K.choose_layouts = lambda g, simd, cuda, *rows: (*saved[2](g, simd, cuda, *rows)[:2], value)
     elif vary == "slice":  # on: sliced whatever the layer's kernel count
-        K.GRAD_WEIGHT_SLICE_KERNELS, K.GRAD_WEIGHT_SLICE_BYTES = (0, saved[5]) if value == "on" else (saved[4], 0)
+        K.GRAD_WEIGHT_SLICE_KERNELS, K.GRAD_WEIGHT_SLICES = (0, True) if value == "on" else (saved[4], False)
     try:
         kernels = LayerKernels.build(ConvGeometry.of(weight.shape, hw, STRIDE.get(vary, 1), 1, 1), library, target,
                                      row_groups)
     finally:
         (K.grad_weight_group, K.choose_rows, K.choose_layouts, K.STRIDE_PHASES, K.GRAD_WEIGHT_SLICE_KERNELS,
-         K.GRAD_WEIGHT_SLICE_BYTES, K.WEAVE_PHASES, K.CHWN_X_TILE) = saved
+         K.GRAD_WEIGHT_SLICES, K.WEAVE_PHASES, K.CHWN_X_TILE, K.GRAD_WEIGHT_SLICE_PIXELS) = saved
     return LayerRunner(kernels, LayerIndex.build(library, ids, weight.device, kernels.plan))
 
 

@@ -1205,14 +1205,15 @@ def test_grad_weight_by_batch_slices(monkeypatch, case, block):
     assert [k.plan.grad_weight.batch_slice for k in conv._kernels.values()] == [3]
 
 
-def test_grad_weight_slices_the_batch_on_layers_with_many_kernels():
-    """The slice keeps a slice's output gradient and input within GRAD_WEIGHT_SLICE_BYTES, on
-    layers of at least GRAD_WEIGHT_SLICE_KERNELS kernels, nchw and CPU only."""
-    from clicktrain.codegen.kernels import GRAD_WEIGHT_SLICE_BYTES
-    big, _ = planned(64, 128, 16, 1, "llvm")
-    gw = big.grad_weight
-    per_image = 4 * (128 * gw.true_out_h * gw.out_w + 64 * gw.in_h * gw.in_w)
-    assert gw.layout == "nchw" and gw.batch_slice == GRAD_WEIGHT_SLICE_BYTES // per_image > 1
-    assert planned(32, 32, 16, 1, "llvm")[0].grad_weight.batch_slice == 0   # 1024 kernels
+def test_grad_weight_slices_the_batch_on_layers_with_many_kernels_or_large_maps():
+    """The slice keeps a slice's output gradient and input within a core's L2, on layers of
+    at least GRAD_WEIGHT_SLICE_KERNELS kernels or on maps of GRAD_WEIGHT_SLICE_PIXELS or
+    more (where one block's data over the batch outgrows L2), nchw and CPU only."""
+    l2_bytes = resolve_target("llvm").l2_bytes
+    for hw, c, o in ((16, 64, 128), (28, 16, 16), (32, 16, 32)):
+        gw = planned(c, o, hw, 1, "llvm")[0].grad_weight
+        per_image = 4 * (o * gw.true_out_h * gw.out_w + c * gw.in_h * gw.in_w)
+        assert gw.layout == "nchw" and gw.batch_slice == l2_bytes // per_image > 1, (c, o, hw)
+    assert planned(32, 32, 16, 1, "llvm")[0].grad_weight.batch_slice == 0   # 1024 kernels on 16x16
     assert planned(128, 128, 4, 1, "llvm")[0].grad_weight.batch_slice == 0  # chwn
     assert planned(64, 128, 16, 1, "cuda")[0].grad_weight.batch_slice == 0

@@ -387,28 +387,37 @@ def grad_weight_group(target: KernelTarget, layout: str = "nchw", pixels: int = 
     return GRAD_WEIGHT_WIDE_GROUP if wide and target.vector_registers >= 32 else GRAD_WEIGHT_GROUP
 
 
-GRAD_WEIGHT_SLICE_BYTES = 1024 * 1024  # nchw grad-weight: a slice of the batch's output gradient and input
+GRAD_WEIGHT_SLICES = True  # nchw grad-weight: by slices of the batch whose output gradient and input fill a core's L2
 GRAD_WEIGHT_SLICE_KERNELS = 64 * 128   # ... on layers with at least this many 3x3 kernels
+GRAD_WEIGHT_SLICE_PIXELS = 28 * 28     # ... or input maps of at least this many pixels
 
 
 def grad_weight_slice(geom: ConvGeometry, layout: str, out_h: int, out_w: int, in_h: int, in_w: int,
-                      cuda: bool) -> int:
+                      cuda: bool, l2_bytes: int) -> int:
     """Images per batch slice of an nchw CPU grad-weight (0: the whole batch at once): as
-    many as keep the slice's output gradient and input within ``GRAD_WEIGHT_SLICE_BYTES``,
-    on layers of ``GRAD_WEIGHT_SLICE_KERNELS`` kernels or more. Each block of kernels
-    re-reads its filters' output gradient and its channel's input, so a layer with many
-    kernels reads its data hundreds of times (64->128 16x16 at batch 64: ~700 MB of reads of
-    14 MB); whole-batch passes fetched it from beyond L2 every time. Measured (session 7,
+    many as keep the slice's output gradient and input within a core's L2 (``l2_bytes``).
+    Each block of kernels re-reads its filters' output gradient and its channel's input, so
+    a layer with many kernels reads its data hundreds of times (64->128 16x16 at batch 64:
+    ~700 MB of reads of 14 MB), and a block's own data over the batch outgrows L2 on large
+    maps (16->16 28x28 at batch 64: 720 KB a block of two kernels); whole-batch passes fetched
+    it from beyond L2 every time. Measured (session 7, AVX-512, 1 MB L2,
     ``benchmarks/tile_variants.py --vary slice``, 4/9, 4x4 blocks; per kernel in brackets):
     64->128 16x16 1.50x -> 2.03x of dense (1.22x -> 1.72x), 128->128 16x16 1.13x -> 1.74x,
     64->128 14x14 1.28x -> 1.55x, 256->256 8x8 1.41x -> 1.61x; on layers of 1024 kernels or
-    fewer it was even or lost (32->32 16x16 per kernel 1.79x -> 1.46x in one A/B), and 64->64
-    8x8 gained 0-15 %: hence the threshold (docs/performance.md, session 7)."""
-    if cuda or layout != "nchw" or not GRAD_WEIGHT_SLICE_BYTES \
-            or geom.in_channels * geom.out_channels < GRAD_WEIGHT_SLICE_KERNELS:
+    fewer on maps up to 16x16 it was even or lost (32->32 16x16 per kernel 1.79x -> 1.46x in
+    one A/B; session 13 on Zen 3: 1.70x -> 1.60x, 32->64 16x16 stride 2 2.00x -> 1.79x). On
+    maps of ``GRAD_WEIGHT_SLICE_PIXELS`` or more it won everywhere (session 13, Zen 3, 512 KB
+    L2, in-process A/Bs, per kernel): 16->16 28x28 1.42x -> 1.61x, 16->16 32x32 2.25x -> 2.52x,
+    16->32 28x28 / 32x32 stride 2 1.10x / 1.15x -> 1.26x / 1.51x; in 4x4 blocks 1.64x -> 2.07x,
+    2.72x -> 2.78x, 1.25x / 1.37x -> 1.33x / 1.60x; with half the kernels dropped 1.59x ->
+    1.86x, 3.49x -> 3.63x, 1.38x / 1.89x -> 1.63x / 2.18x. Slices of a 512 KB L2 rather than
+    the 1 MB session 7 used beat 1 MB there on all four and on 64->128 16x16 (1.69x -> 1.76x)."""
+    if cuda or layout != "nchw" or not GRAD_WEIGHT_SLICES \
+            or (geom.in_channels * geom.out_channels < GRAD_WEIGHT_SLICE_KERNELS
+                and geom.in_h * geom.in_w < GRAD_WEIGHT_SLICE_PIXELS):
         return 0
     per_image = 4 * (geom.out_channels * out_h * out_w + geom.in_channels * in_h * in_w)
-    return max(1, GRAD_WEIGHT_SLICE_BYTES // per_image)
+    return max(1, l2_bytes // per_image)
 
 
 def grad_weight_blocks(fwd: FilterKernelLayout, num_patterns: int, group: int):
@@ -563,7 +572,7 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                                  # strided rows read column phases (contiguous vectors), as the forward
                                  phases=sw if gw_layout == "nchw" and not cuda else 1,
                                  batch_slice=grad_weight_slice(geom, gw_layout, geom.out_h, gw_w, fwd_in[0], gw_in_w,
-                                                               cuda))
+                                                               cuda, target.l2_bytes))
     if not phased:
         plan = KernelPlan(geom, forward, grad_input, grad_weight)
         return plan if cuda else dataclasses.replace(plan, relayouts=plan_relayouts(plan))
