@@ -1193,16 +1193,19 @@ def test_harden_on_llvm_warns_once_when_openmp_spins(monkeypatch):
 
 @pytest.mark.parametrize("case,block", [((7, 8, 12, 12, 12, 1, 1, 1, 0.3, True), (1, 1)),
                                         ((7, 8, 12, 34, 33, 2, 1, 1, 0.3, False), (1, 1)),
-                                        ((5, 8, 16, 12, 12, 1, 1, 1, 0.0, True), (4, 4))],
-                         ids=["per-kernel", "strided", "4x4-blocks"])
+                                        ((5, 8, 16, 12, 12, 1, 1, 1, 0.0, True), (4, 4)),
+                                        ((33, 8, 8, 7, 7, 1, 1, 1, 0.3, True), (1, 1)),
+                                        ((20, 8, 16, 4, 4, 1, 1, 1, 0.0, False), (4, 4))],
+                         ids=["per-kernel", "strided", "4x4-blocks", "chwn", "chwn-4x4-blocks"])
 def test_grad_weight_by_batch_slices(monkeypatch, case, block):
     """Before: grad-weight reduced the whole batch in one pass per block of kernels. Expected,
     on layers with many kernels: slices of images, every block adding its part of each slice
-    (a batch of 7 or 5 in slices of 3, the last one short); gradients as the masked conv's."""
+    (a batch of 7 or 5 in slices of 3, the last one short; in chwn, 33 or 20 images in 5 or 3
+    blocks of 8 lanes, in slices of 2 blocks); gradients as the masked conv's."""
     import clicktrain.codegen.kernels as K
-    monkeypatch.setattr(K, "grad_weight_slice", lambda geom, layout, *args: 3 if layout == "nchw" else 0)
+    monkeypatch.setattr(K, "grad_weight_slice", lambda geom, layout, *args: 3 if layout == "nchw" else 2)
     conv = check_against_masked_dense_conv(case, block)
-    assert [k.plan.grad_weight.batch_slice for k in conv._kernels.values()] == [3]
+    assert [k.plan.grad_weight.batch_slice for k in conv._kernels.values()] == [3 if case[3] > 8 else 2]
 
 
 def test_grad_weight_slices_the_batch_on_layers_with_many_kernels_or_large_maps():
@@ -1215,5 +1218,20 @@ def test_grad_weight_slices_the_batch_on_layers_with_many_kernels_or_large_maps(
         per_image = 4 * (o * gw.true_out_h * gw.out_w + c * gw.in_h * gw.in_w)
         assert gw.layout == "nchw" and gw.batch_slice == l2_bytes // per_image > 1, (c, o, hw)
     assert planned(32, 32, 16, 1, "llvm")[0].grad_weight.batch_slice == 0   # 1024 kernels on 16x16
-    assert planned(128, 128, 4, 1, "llvm")[0].grad_weight.batch_slice == 0  # chwn
+
+
+def test_chwn_grad_weight_slices_the_batch_blocks():
+    """chwn grad-weight slices its batch blocks as nchw its images, a slice's output gradient
+    and input within a core's L2, where a slice still holds CHWN_GRAD_WEIGHT_SLICE_PIXELS
+    pixels of them (a block's tree reduction and gradient update come once per slice)."""
+    from clicktrain.codegen.kernels import CHWN_GRAD_WEIGHT_SLICE_PIXELS
+    target = resolve_target("llvm")
+    for c, o, hw in ((64, 64, 7), (128, 128, 4), (512, 512, 4)):
+        gw = planned(c, o, hw, 1, "llvm")[0].grad_weight
+        per_block = 4 * target.simd_lanes * (o * hw * hw + c * gw.in_h * gw.in_w)
+        blocks = max(1, target.l2_bytes // per_block)
+        expected = blocks if blocks * hw * hw >= CHWN_GRAD_WEIGHT_SLICE_PIXELS else 0
+        assert gw.layout == "chwn" and gw.batch_slice == expected, (c, o, hw)
+    assert planned(512, 512, 4, 1, "llvm")[0].grad_weight.batch_slice == 0  # 16 pixels a batch block
+    assert planned(64, 64, 7, 1, "cuda")[0].grad_weight.batch_slice == 0
     assert planned(64, 128, 16, 1, "cuda")[0].grad_weight.batch_slice == 0

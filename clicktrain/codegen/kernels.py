@@ -392,10 +392,15 @@ GRAD_WEIGHT_SLICE_KERNELS = 64 * 128   # ... on layers with at least this many 3
 GRAD_WEIGHT_SLICE_PIXELS = 28 * 28     # ... or input maps of at least this many pixels
 
 
+CHWN_GRAD_WEIGHT_SLICES = True  # chwn grad-weight: by slices of the batch blocks too (grad_weight_slice)
+CHWN_GRAD_WEIGHT_SLICE_PIXELS = 32  # ... where a slice holds this many pixels of its batch blocks or more
+
+
 def grad_weight_slice(geom: ConvGeometry, layout: str, out_h: int, out_w: int, in_h: int, in_w: int,
-                      cuda: bool, l2_bytes: int) -> int:
-    """Images per batch slice of an nchw CPU grad-weight (0: the whole batch at once): as
-    many as keep the slice's output gradient and input within a core's L2 (``l2_bytes``).
+                      cuda: bool, l2_bytes: int, lanes: int = 1) -> int:
+    """Images (chwn: batch blocks of ``lanes`` images) per batch slice of a CPU grad-weight
+    (0: the whole batch at once): as many as keep the slice's output gradient and input
+    within a core's L2 (``l2_bytes``).
     Each block of kernels re-reads its filters' output gradient and its channel's input, so
     a layer with many kernels reads its data hundreds of times (64->128 16x16 at batch 64:
     ~700 MB of reads of 14 MB), and a block's own data over the batch outgrows L2 on large
@@ -411,7 +416,23 @@ def grad_weight_slice(geom: ConvGeometry, layout: str, out_h: int, out_w: int, i
     16->32 28x28 / 32x32 stride 2 1.10x / 1.15x -> 1.26x / 1.51x; in 4x4 blocks 1.64x -> 2.07x,
     2.72x -> 2.78x, 1.25x / 1.37x -> 1.33x / 1.60x; with half the kernels dropped 1.59x ->
     1.86x, 3.49x -> 3.63x, 1.38x / 1.89x -> 1.63x / 2.18x. Slices of a 512 KB L2 rather than
-    the 1 MB session 7 used beat 1 MB there on all four and on 64->128 16x16 (1.69x -> 1.76x)."""
+    the 1 MB session 7 used beat 1 MB there on all four and on 64->128 16x16 (1.69x -> 1.76x).
+    chwn (batch blocks of ``lanes`` images) likewise, where a slice still holds
+    ``CHWN_GRAD_WEIGHT_SLICE_PIXELS`` pixels of its blocks: each block's tree reduction and
+    gradient update come once a slice, and a 512->512 4x4 layer in slices of one batch block
+    (16 pixels) fell from 1.73x to 0.53x of dense. Measured (session 13, Zen 3, in-process
+    A/Bs, 4/9 per kernel): 64->64 7x7 1.55x -> 1.67x, 64->64 8x8 2.06x -> 2.16x, 128->256
+    8x8 1.64x -> 2.05x, 256->256 7x7 1.39x -> 1.50x, 32->32 14x14 1.74x -> 1.95x, 64->128
+    14x14 2.03x -> 2.25x, 32->64 16x16 stride 2 1.94x -> 2.20x, 128->128 4x4 (slices of two
+    blocks) 1.80x -> 1.93x, 64->64 4x4 2.60x -> 3.11x, 32->64 7x7 1.82x -> 2.15x; in 4x4
+    blocks 128->256 8x8 1.44x -> 1.85x, 32->32 14x14 1.97x -> 2.31x, 256->256 7x7 / 8x8
+    1.66x / 2.03x -> 1.80x / 2.32x; with half the kernels dropped 128->256 8x8 3.26x -> 3.80x,
+    64->64 8x8 3.13x -> 3.67x, 256->256 7x7 2.50x -> 3.10x. (The same code read 1.85x and
+    1.47x in one A/B of an unchanged plan: single figures move by up to a quarter.)"""
+    if layout == "chwn" and not cuda and CHWN_GRAD_WEIGHT_SLICES:
+        per_block = 4 * lanes * (geom.out_channels * out_h * out_w + geom.in_channels * in_h * in_w)
+        blocks = max(1, l2_bytes // per_block)
+        return blocks if blocks * out_h * out_w >= CHWN_GRAD_WEIGHT_SLICE_PIXELS else 0
     if cuda or layout != "nchw" or not GRAD_WEIGHT_SLICES \
             or (geom.in_channels * geom.out_channels < GRAD_WEIGHT_SLICE_KERNELS
                 and geom.in_h * geom.in_w < GRAD_WEIGHT_SLICE_PIXELS):
@@ -572,7 +593,7 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
                                  # strided rows read column phases (contiguous vectors), as the forward
                                  phases=sw if gw_layout == "nchw" and not cuda else 1,
                                  batch_slice=grad_weight_slice(geom, gw_layout, geom.out_h, gw_w, fwd_in[0], gw_in_w,
-                                                               cuda, target.l2_bytes))
+                                                               cuda, target.l2_bytes, gw_lanes))
     if not phased:
         plan = KernelPlan(geom, forward, grad_input, grad_weight)
         return plan if cuda else dataclasses.replace(plan, relayouts=plan_relayouts(plan))

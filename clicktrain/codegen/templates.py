@@ -538,14 +538,15 @@ def _gw_term(s: GradWeightSpec, gi: int, t: int, p: int, x: str, b: str = "b", y
 def grad_weight_llvm(s: GradWeightSpec) -> str:
     """One parallel task per block of kernels, reducing over batch and space into
     ``group x k`` vector accumulators: vectorised along the row (nchw) or the batch (chwn).
-    With ``batch_slice`` (nchw), one parallel pass per slice of images over every block, each
-    adding its sums into the zeroed gradient: the slice's data stays in cache for all blocks."""
+    With ``batch_slice``, one parallel pass per slice of images (chwn: of batch blocks) over
+    every block, each adding its sums into the zeroed gradient: the slice's data stays in
+    cache for all blocks."""
     V, k, G, S = s.lanes, s.k, s.group, s.batch_slice
-    assert not S or s.layout == "nchw", "batch slices are nchw's (chwn blocks the batch in its lanes)"
+    # by slices: image (chwn: batch block) ``bs * S + b`` of the slice's ``min(S, rest)``
+    images, b = (f"T.min({S}, n - bs * {S})", f"bs * {S} + b") if S else ("n", "b")
     if s.layout == "chwn":
-        reduce, x, b = f"bb, y, x in T.grid(n, {s.true_out_h}, {s.out_w})", "x", "bb"
-    else:  # by slices: image ``bs * S + b`` of the slice's ``min(S, rest)``
-        images, b = (f"T.min({S}, n - bs * {S})", f"bs * {S} + b") if S else ("n", "b")
+        reduce, x = f"b, y, x in T.grid({images}, {s.true_out_h}, {s.out_w})", "x"
+    else:
         reduce, x = f"b, y, xt in T.grid({images}, {s.true_out_h}, {s.out_w // V})", f"xt * {V} + v"
     # accumulators: one buffer, or one per kernel of the block where one would reach 1 KB (4
     # kernels x 4 weights x 16 lanes): TVM puts a buffer of 1 KB or more on its heap
