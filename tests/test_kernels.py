@@ -1235,3 +1235,26 @@ def test_chwn_grad_weight_slices_the_batch_blocks():
     assert planned(512, 512, 4, 1, "llvm")[0].grad_weight.batch_slice == 0  # 16 pixels a batch block
     assert planned(64, 64, 7, 1, "cuda")[0].grad_weight.batch_slice == 0
     assert planned(64, 128, 16, 1, "cuda")[0].grad_weight.batch_slice == 0
+
+
+def test_nchw_frames_spread_channel_planes_over_the_l1_sets():
+    """Before: a 28x28 layer's padded frame was 30 x 34 floats, 4080 bytes a channel plane, so
+    consecutive channels' rows fell into the same few L1 sets. Expected: its rows widened by
+    zero columns to 36 (planes 4320 bytes apart) for forward and grad-input (and the
+    grad-weight that reads the forward's copy); frames whose planes already spread keep their
+    width; strided forwards (column phases) keep theirs."""
+    from clicktrain.codegen.kernels import _planes_alias, nchw_frame
+    assert _planes_alias(4 * 30 * 34) and not _planes_alias(4 * 30 * 36)
+    assert nchw_frame(30, 34) == (30, 36) and nchw_frame(34, 34) == (34, 34) and nchw_frame(18, 18) == (18, 18)
+    plan, sources = planned(16, 16, 28, 1, "llvm")
+    assert (plan.forward.in_h, plan.forward.in_w) == (plan.grad_input.in_h, plan.grad_input.in_w) == (30, 36)
+    assert plan.grad_weight_reads_forward_input and plan.relayouts["forward_in"].cols == 36
+    assert "(n, 16, 30, 36)" in sources[plan.forward.name]
+    assert (planned(16, 16, 32, 1, "llvm")[0].forward.in_w, planned(16, 32, 28, 2, "llvm")[0].forward.in_w) == (34, 33)
+
+
+@pytest.mark.parametrize("case", [(3, 16, 16, 28, 28, 1, 1, 1, 0.0, True), (2, 16, 8, 28, 28, 1, 1, 1, 0.5, False)])
+def test_widened_frames_match_masked_dense_conv(case):
+    conv = check_against_masked_dense_conv(case)
+    (kernels,) = conv._kernels.values()
+    assert kernels.plan.forward.in_w == kernels.plan.grad_input.in_w == 36

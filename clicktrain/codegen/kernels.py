@@ -119,6 +119,31 @@ NCHW_ROW_BLOCK_KERNELS = 16
 # row blocks): 32->32 14x14 1.30-1.42x -> 1.59-1.63x, 16->16 28x28 / 32x32, 64->128 16x16 even to +10 %.
 # Grouped rows read theirs 36 bytes apart a row, G rows side by side: gathering them was even (two runs).
 GATHER_FORWARD = True
+NCHW_ALIAS_CHANNELS = 16  # nchw frames: channels whose planes must spread over the L1's sets (nchw_frame)
+NCHW_ALIAS_WINDOW = 256   # ... no three of them starting within this many bytes (modulo 4 KB)
+
+
+def _planes_alias(plane_bytes: int, channels: int = NCHW_ALIAS_CHANNELS) -> bool:
+    """Whether ``channels`` consecutive planes of ``plane_bytes`` put three or more starts
+    within ``NCHW_ALIAS_WINDOW`` bytes of each other modulo 4 KB (the span of the L1's sets)."""
+    starts = sorted(c * plane_bytes % 4096 for c in range(channels))
+    starts += [s + 4096 for s in starts[:2]]
+    return any(starts[i + 2] - starts[i] < NCHW_ALIAS_WINDOW for i in range(channels))
+
+
+def nchw_frame(height: int, width: int, nchw: bool = True) -> tuple[int, int]:
+    """(height, width) of a direct conv's padded input frame: rows widened by pairs of zero
+    columns until consecutive channels' planes spread over the L1's sets (``_planes_alias``).
+    A task reads the same rows of every source channel in turn; planes about 4 KB apart put
+    them in the same few sets of the 8-way L1, and 16 channels of one tile's window thrash
+    it. The 28x28 layers' 30 x 34 frame is 4080 bytes a plane: widened (session 13, Zen 3,
+    in-process A/Bs, 11 rounds, 16->16 28x28 forward / grad-input) from 1.41x / 1.33x of
+    dense to 1.53x / 1.55x at 36 columns, 1.57x / 1.47x at 38 (42: 1.53x / 1.35x); frames whose
+    planes spread (16->16 32x32, 32->32 16x16, 64->128 16x16) were even or lost a few per
+    cent when widened anyway."""
+    while nchw and _planes_alias(4 * height * width):
+        width += 2
+    return height, width
 
 
 def choose_rows(lanes: int, simd_lanes: int) -> int:
@@ -527,8 +552,8 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     kernels_f, kernels_g = row_kernels or (geom.in_channels, geom.out_channels)
     group_f, rows_f, lanes_f, oh, ow, columns_f = _tile(fwd_layout, geom.out_h, geom.out_w, target, cuda, row_groups[0])
     group_g, rows_g, lanes_g, ih, iw, columns_g = _tile(gi_layout, geom.in_h, geom.in_w, target, cuda, row_groups[1])
-    fwd_in = ((oh - 1) * sh + 2 * dh + 1, (ow - 1) * sw + 2 * dw + 1)
-    gi_in = (ih - 1 + 2 * dh + 1, iw - 1 + 2 * dw + 1)
+    fwd_in = nchw_frame((oh - 1) * sh + 2 * dh + 1, (ow - 1) * sw + 2 * dw + 1, fwd_layout == "nchw" and sw == 1)
+    gi_in = nchw_frame(ih - 1 + 2 * dh + 1, iw - 1 + 2 * dw + 1, gi_layout == "nchw")
     tag = f"{geom.tag()}_{abs(hash(fwd_offsets)) % 10**8}"
     fwd_tag, gi_tag = (tag + (f"_g{g}" if g > 1 else "") for g in (group_f, group_g))
     # strided CPU grad-input: one stride-1 kernel per stride phase (plan_grad_input_phases)
