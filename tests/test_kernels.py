@@ -1258,3 +1258,26 @@ def test_widened_frames_match_masked_dense_conv(case):
     conv = check_against_masked_dense_conv(case)
     (kernels,) = conv._kernels.values()
     assert kernels.plan.forward.in_w == kernels.plan.grad_input.in_w == 36
+
+
+def test_nchw_tiles_divide_the_maps_height_where_that_pads_less():
+    """Before: a 14x14 map took tiles of 4 rows of two vectors (16 x 16 pixels computed for
+    196). Expected: 7 rows of one vector (14 x 16), for forward, grad-input and a strided
+    layer's 14x14 output; maps whose height the tile divides (28x28) or whose exact tile would
+    hold too few accumulators (30 rows: 6) keep theirs."""
+    from clicktrain.codegen.kernels import NCHW_EXACT_MIN_ROWS
+    simd = resolve_target("llvm").simd_lanes
+    for plan in (planned(32, 32, 14, 1, "llvm")[0], planned(16, 32, 28, 2, "llvm")[0]):
+        assert (plan.forward.layout, plan.forward.rows, plan.forward.lanes, plan.forward.out_h) == ("nchw", 7, simd, 14)
+    gi = planned(32, 32, 14, 1, "llvm")[0].grad_input
+    assert (gi.rows, gi.lanes, gi.out_h) == (7, simd, 14)
+    assert planned(16, 16, 28, 1, "llvm")[0].forward.out_h == 28 and NCHW_EXACT_MIN_ROWS > 6
+    assert planned(16, 16, 30, 1, "llvm")[0].forward.out_h > 30
+
+
+@pytest.mark.parametrize("case", [(3, 8, 16, 14, 14, 1, 1, 1, 0.0, True), (5, 8, 8, 28, 28, 2, 1, 1, 0.3, False),
+                                  (2, 8, 8, 14, 15, 1, 1, 1, 0.3, False)])
+def test_exact_row_tiles_match_masked_dense_conv(case):
+    conv = check_against_masked_dense_conv(case)
+    (kernels,) = conv._kernels.values()
+    assert kernels.plan.forward.rows == 7

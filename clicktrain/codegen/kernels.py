@@ -146,6 +146,18 @@ def nchw_frame(height: int, width: int, nchw: bool = True) -> tuple[int, int]:
     return height, width
 
 
+# nchw, rows with their own kernels: where the tile's rows pad the map's height, one vector a row and
+# the tallest tile (of at least NCHW_EXACT_MIN_ROWS accumulators) that divides it, if that computes fewer
+# padded pixels (_tile). A 14x14 map took 4 rows of 16 lanes (16 x 16 pixels for 196); 7 rows of 8 lanes
+# (AVX2: 14 x 16) measured (session 13, Zen 3, in-process A/Bs, 11 rounds, forward / grad-input of dense):
+# 32->32 14x14 1.44-1.47x / 1.17-1.28x -> 1.57-1.65x / 1.37-1.46x, 16->32 14x14 1.43x / 1.23x -> 1.71x /
+# 1.41x, half the kernels dropped 2.59x / 2.15x -> 2.80x / 2.42x; 16->32 28x28 stride 2 (14x14 output,
+# column phases) forward 1.12-1.32x -> 1.20-1.36x, grad-input in stride phases 1.67-1.74x -> 1.77-1.83x.
+# Fewer than 7 accumulators (a 30-row map's 6) leave the FMA chains' latency exposed: not taken.
+NCHW_EXACT_ROWS = True
+NCHW_EXACT_MIN_ROWS = 7
+
+
 def choose_rows(lanes: int, simd_lanes: int) -> int:
     """Rows of the register tile: as many as make ``DIRECT_ACCUMULATORS`` vectors, at most 8.
     Measured on AVX-512 (docs/performance.md): one register per row (16 lanes) runs 7-37 %
@@ -383,6 +395,11 @@ def _tile(layout: str, height: int, width: int, target: KernelTarget, cuda: bool
         return 1, 1, 1, height, width, 0
     lanes = choose_lanes(width, target.simd_lanes)
     group, rows = choose_row_group(block, lanes, target.simd_lanes, target.vector_registers)
+    if group == 1 and height % rows and NCHW_EXACT_ROWS:
+        exact = max(r for r in range(1, choose_rows(target.simd_lanes, target.simd_lanes) + 1) if height % r == 0)
+        if exact >= NCHW_EXACT_MIN_ROWS and \
+                _round_up(width, target.simd_lanes) * height < _round_up(width, lanes) * _round_up(height, rows):
+            lanes, rows = target.simd_lanes, exact
     return group, rows, lanes, _round_up(height, rows), _round_up(width, lanes), 0
 
 
