@@ -54,7 +54,7 @@ LAYERS = {  # (in, out, h, w): grad-weight runs nchw and chwn; rows matter where
     "weave": [(16, 32, 32, 32), (32, 64, 16, 16), (16, 32, 28, 28), (32, 64, 14, 14)],
     "xtile": [(64, 64, 8, 8), (128, 256, 8, 8), (256, 256, 8, 8), (64, 128, 8, 8)],
     "slice": [(64, 128, 16, 16), (64, 128, 14, 14), (128, 128, 16, 16), (128, 256, 8, 8), (256, 256, 8, 8),
-              (64, 64, 8, 8)],  # the last one below GRAD_WEIGHT_SLICE_KERNELS: sliced only as the variant
+              (64, 64, 8, 8), (32, 32, 16, 16), (16, 16, 28, 28)],
 }
 DEFAULT_VALUES = {"group": ["1", "2", "4"], "rows": ["2", "4", "8"], "layout": ["chwn", "nchw"],
                   "direct": ["chwn", "nchw"], "rowgroup": ["1", "2", "4"], "phases": ["off", "on"],
@@ -65,13 +65,13 @@ STRIDE = {"phases": 2, "weave": 2}  # the layers' stride (1 unless named)
 
 def runner_with(vary: str, value: str, weight, library, ids, hw, target, row_groups=(1, 1)):
     """A LayerRunner whose plan uses ``value`` for the varied choice (the defaults otherwise)."""
-    saved = K.grad_weight_group, K.choose_rows, K.choose_layouts, K.STRIDE_PHASES, K.GRAD_WEIGHT_SLICE_KERNELS, \
-        K.GRAD_WEIGHT_SLICES, K.WEAVE_PHASES, K.CHWN_X_TILE, K.GRAD_WEIGHT_SLICE_PIXELS
+    saved = K.grad_weight_group, K.choose_rows, K.choose_layouts, K.STRIDE_PHASES, K.GRAD_WEIGHT_SLICES, \
+        K.WEAVE_PHASES, K.CHWN_X_TILE
     if vary == "rowgroup":  # at most ``value`` rows per group (the ids' own groups at most)
         row_groups = tuple(min(int(value), g) for g in row_groups)
     K.STRIDE_PHASES = value != "off" if vary == "phases" else saved[3]
-    K.WEAVE_PHASES = value != "off" if vary == "weave" else saved[6]
-    K.CHWN_X_TILE = int(value) if vary == "xtile" else saved[7]
+    K.WEAVE_PHASES = value != "off" if vary == "weave" else saved[5]
+    K.CHWN_X_TILE = int(value) if vary == "xtile" else saved[6]
     if vary == "group":
         K.grad_weight_group = lambda t, layout="nchw", pixels=0, full=True: int(value)
     elif vary == "rows":
@@ -80,14 +80,14 @@ def runner_with(vary: str, value: str, weight, library, ids, hw, target, row_gro
         K.choose_layouts = lambda g, simd, cuda, *rows: (value, value, saved[2](g, simd, cuda, *rows)[2])
     elif vary == "layout":
         K.choose_layouts = lambda g, simd, cuda, *rows: (*saved[2](g, simd, cuda, *rows)[:2], value)
-    elif vary == "slice":  # on: sliced whatever the layer's kernel count
-        K.GRAD_WEIGHT_SLICE_KERNELS, K.GRAD_WEIGHT_SLICES = (0, True) if value == "on" else (saved[4], False)
+    elif vary == "slice":  # on: by slices of the batch (the default), off: the whole batch at once
+        K.GRAD_WEIGHT_SLICES = value == "on"
     try:
         kernels = LayerKernels.build(ConvGeometry.of(weight.shape, hw, STRIDE.get(vary, 1), 1, 1), library, target,
                                      row_groups)
     finally:
-        (K.grad_weight_group, K.choose_rows, K.choose_layouts, K.STRIDE_PHASES, K.GRAD_WEIGHT_SLICE_KERNELS,
-         K.GRAD_WEIGHT_SLICES, K.WEAVE_PHASES, K.CHWN_X_TILE, K.GRAD_WEIGHT_SLICE_PIXELS) = saved
+        (K.grad_weight_group, K.choose_rows, K.choose_layouts, K.STRIDE_PHASES, K.GRAD_WEIGHT_SLICES,
+         K.WEAVE_PHASES, K.CHWN_X_TILE) = saved
     return LayerRunner(kernels, LayerIndex.build(library, ids, weight.device, kernels.plan))
 
 

@@ -429,9 +429,7 @@ def grad_weight_group(target: KernelTarget, layout: str = "nchw", pixels: int = 
     return GRAD_WEIGHT_WIDE_GROUP if wide and target.vector_registers >= 32 else GRAD_WEIGHT_GROUP
 
 
-GRAD_WEIGHT_SLICES = True  # nchw grad-weight: by slices of the batch whose output gradient and input fill a core's L2
-GRAD_WEIGHT_SLICE_KERNELS = 64 * 128   # ... on layers with at least this many 3x3 kernels
-GRAD_WEIGHT_SLICE_PIXELS = 28 * 28     # ... or input maps of at least this many pixels
+GRAD_WEIGHT_SLICES = True  # CPU grad-weight: by slices of the batch whose output gradient and input fill a core's L2
 
 
 CHWN_GRAD_WEIGHT_SLICES = True  # chwn grad-weight: by slices of the batch blocks too (grad_weight_slice)
@@ -442,23 +440,26 @@ def grad_weight_slice(geom: ConvGeometry, layout: str, out_h: int, out_w: int, i
                       cuda: bool, l2_bytes: int, lanes: int = 1) -> int:
     """Images (chwn: batch blocks of ``lanes`` images) per batch slice of a CPU grad-weight
     (0: the whole batch at once): as many as keep the slice's output gradient and input
-    within a core's L2 (``l2_bytes``).
-    Each block of kernels re-reads its filters' output gradient and its channel's input, so
-    a layer with many kernels reads its data hundreds of times (64->128 16x16 at batch 64:
-    ~700 MB of reads of 14 MB), and a block's own data over the batch outgrows L2 on large
-    maps (16->16 28x28 at batch 64: 720 KB a block of two kernels); whole-batch passes fetched
-    it from beyond L2 every time. Measured (session 7, AVX-512, 1 MB L2,
-    ``benchmarks/tile_variants.py --vary slice``, 4/9, 4x4 blocks; per kernel in brackets):
-    64->128 16x16 1.50x -> 2.03x of dense (1.22x -> 1.72x), 128->128 16x16 1.13x -> 1.74x,
-    64->128 14x14 1.28x -> 1.55x, 256->256 8x8 1.41x -> 1.61x; on layers of 1024 kernels or
-    fewer on maps up to 16x16 it was even or lost (32->32 16x16 per kernel 1.79x -> 1.46x in
-    one A/B; session 13 on Zen 3: 1.70x -> 1.60x, 32->64 16x16 stride 2 2.00x -> 1.79x). On
-    maps of ``GRAD_WEIGHT_SLICE_PIXELS`` or more it won everywhere (session 13, Zen 3, 512 KB
-    L2, in-process A/Bs, per kernel): 16->16 28x28 1.42x -> 1.61x, 16->16 32x32 2.25x -> 2.52x,
-    16->32 28x28 / 32x32 stride 2 1.10x / 1.15x -> 1.26x / 1.51x; in 4x4 blocks 1.64x -> 2.07x,
-    2.72x -> 2.78x, 1.25x / 1.37x -> 1.33x / 1.60x; with half the kernels dropped 1.59x ->
-    1.86x, 3.49x -> 3.63x, 1.38x / 1.89x -> 1.63x / 2.18x. Slices of a 512 KB L2 rather than
-    the 1 MB session 7 used beat 1 MB there on all four and on 64->128 16x16 (1.69x -> 1.76x).
+    within a core's L2 (``l2_bytes``). Each block of kernels re-reads its filters' output
+    gradient and its channel's input, so a layer with many kernels reads its data hundreds of
+    times (64->128 16x16 at batch 64: ~700 MB of reads of 14 MB), and a block's own data over
+    the batch outgrows L2 on large maps (16->16 28x28 at batch 64: 720 KB a block of two
+    kernels); whole-batch passes fetched it from beyond L2 every time. Measured (session 7,
+    AVX-512, 1 MB L2, ``benchmarks/tile_variants.py --vary slice``, 4/9, 4x4 blocks; per
+    kernel in brackets): 64->128 16x16 1.50x -> 2.03x of dense (1.22x -> 1.72x), 128->128
+    16x16 1.13x -> 1.74x, 64->128 14x14 1.28x -> 1.55x, 256->256 8x8 1.41x -> 1.61x; there,
+    on layers of 1024 kernels or fewer it was even or lost (32->32 16x16 per kernel 1.79x ->
+    1.46x in one A/B), so only layers of 64 x 128 kernels or more took slices. Session 13 on
+    Zen 3 (512 KB L2, today's kernels, in-process A/Bs, per kernel, 11-15 rounds) found slices
+    winning on every nchw layer tried, so every nchw layer takes them: 16->16 28x28 1.42x ->
+    1.61x, 16->16 32x32 2.25x -> 2.52x, 16->32 28x28 / 32x32 stride 2 1.10x / 1.15x -> 1.26x /
+    1.51x, 32->32 16x16 2.31x / 1.42x / 2.07x -> 2.76x / 1.86x / 2.58x (three A/Bs; one earlier
+    read 1.70x -> 1.60x), 16->16 16x16 1.51x -> 2.03x; in 4x4 blocks 16->16 28x28 1.64x ->
+    2.07x, 16->32 32x32 stride 2 1.37x -> 1.60x, 32->32 16x16 3.22x -> 3.61x; with half the
+    kernels dropped 16->16 28x28 1.59x -> 1.86x, 32->32 16x16 3.01x -> 3.39x, 32->32 14x14
+    2.19x -> 2.49x, 16->16 16x16 2.46x -> 3.22x, 64->64 12x12 1.54x -> 1.66x. Slices of a 512 KB
+    L2 rather than the 1 MB session 7 used beat 1 MB there (16->16 28x28 1.75x -> 1.91x,
+    64->128 16x16 1.69x -> 1.76x).
     chwn (batch blocks of ``lanes`` images) likewise, where a slice still holds
     ``CHWN_GRAD_WEIGHT_SLICE_PIXELS`` pixels of its blocks: each block's tree reduction and
     gradient update come once a slice, and a 512->512 4x4 layer in slices of one batch block
@@ -471,13 +472,11 @@ def grad_weight_slice(geom: ConvGeometry, layout: str, out_h: int, out_w: int, i
     1.66x / 2.03x -> 1.80x / 2.32x; with half the kernels dropped 128->256 8x8 3.26x -> 3.80x,
     64->64 8x8 3.13x -> 3.67x, 256->256 7x7 2.50x -> 3.10x. (The same code read 1.85x and
     1.47x in one A/B of an unchanged plan: single figures move by up to a quarter.)"""
-    if layout == "chwn" and not cuda and CHWN_GRAD_WEIGHT_SLICES:
+    if layout == "chwn" and not cuda and GRAD_WEIGHT_SLICES and CHWN_GRAD_WEIGHT_SLICES:
         per_block = 4 * lanes * (geom.out_channels * out_h * out_w + geom.in_channels * in_h * in_w)
         blocks = max(1, l2_bytes // per_block)
         return blocks if blocks * out_h * out_w >= CHWN_GRAD_WEIGHT_SLICE_PIXELS else 0
-    if cuda or layout != "nchw" or not GRAD_WEIGHT_SLICES \
-            or (geom.in_channels * geom.out_channels < GRAD_WEIGHT_SLICE_KERNELS
-                and geom.in_h * geom.in_w < GRAD_WEIGHT_SLICE_PIXELS):
+    if cuda or layout != "nchw" or not GRAD_WEIGHT_SLICES:
         return 0
     per_image = 4 * (geom.out_channels * out_h * out_w + geom.in_channels * in_h * in_w)
     return max(1, l2_bytes // per_image)
