@@ -1221,17 +1221,20 @@ def test_nchw_grad_weight_slices_the_batch():
 
 def test_chwn_grad_weight_slices_the_batch_blocks():
     """chwn grad-weight slices its batch blocks as nchw its images, a slice's output gradient
-    and input within a core's L2, where a slice still holds CHWN_GRAD_WEIGHT_SLICE_PIXELS
-    pixels of them (a block's tree reduction and gradient update come once per slice)."""
+    and input within a core's L2, where one block fits and a slice still holds
+    CHWN_GRAD_WEIGHT_SLICE_PIXELS pixels of them (a block's tree reduction and gradient
+    update come once per slice)."""
     from clicktrain.codegen.kernels import CHWN_GRAD_WEIGHT_SLICE_PIXELS
     target = resolve_target("llvm")
-    for c, o, hw in ((64, 64, 7), (128, 128, 4), (512, 512, 4)):
+    for c, o, hw in ((64, 64, 7), (128, 128, 4), (512, 512, 4), (256, 256, 7)):
         gw = planned(c, o, hw, 1, "llvm")[0].grad_weight
         per_block = 4 * target.simd_lanes * (o * hw * hw + c * gw.in_h * gw.in_w)
-        blocks = max(1, target.l2_bytes // per_block)
+        blocks = target.l2_bytes // per_block
         expected = blocks if blocks * hw * hw >= CHWN_GRAD_WEIGHT_SLICE_PIXELS else 0
         assert gw.layout == "chwn" and gw.batch_slice == expected, (c, o, hw)
+    assert planned(64, 64, 7, 1, "llvm")[0].grad_weight.batch_slice >= 1
     assert planned(512, 512, 4, 1, "llvm")[0].grad_weight.batch_slice == 0  # 16 pixels a batch block
+    assert planned(256, 256, 7, 1, "llvm")[0].grad_weight.batch_slice == 0  # a batch block outgrows L2
     assert planned(64, 64, 7, 1, "cuda")[0].grad_weight.batch_slice == 0
     assert planned(64, 128, 16, 1, "cuda")[0].grad_weight.batch_slice == 0
 

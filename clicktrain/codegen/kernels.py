@@ -460,22 +460,24 @@ def grad_weight_slice(geom: ConvGeometry, layout: str, out_h: int, out_w: int, i
     2.19x -> 2.49x, 16->16 16x16 2.46x -> 3.22x, 64->64 12x12 1.54x -> 1.66x. Slices of a 512 KB
     L2 rather than the 1 MB session 7 used beat 1 MB there (16->16 28x28 1.75x -> 1.91x,
     64->128 16x16 1.69x -> 1.76x).
-    chwn (batch blocks of ``lanes`` images) likewise, where a slice still holds
-    ``CHWN_GRAD_WEIGHT_SLICE_PIXELS`` pixels of its blocks: each block's tree reduction and
-    gradient update come once a slice, and a 512->512 4x4 layer in slices of one batch block
-    (16 pixels) fell from 1.73x to 0.53x of dense. Measured (session 13, Zen 3, in-process
-    A/Bs, 4/9 per kernel): 64->64 7x7 1.55x -> 1.67x, 64->64 8x8 2.06x -> 2.16x, 128->256
-    8x8 1.64x -> 2.05x, 256->256 7x7 1.39x -> 1.50x, 32->32 14x14 1.74x -> 1.95x, 64->128
-    14x14 2.03x -> 2.25x, 32->64 16x16 stride 2 1.94x -> 2.20x, 128->128 4x4 (slices of two
-    blocks) 1.80x -> 1.93x, 64->64 4x4 2.60x -> 3.11x, 32->64 7x7 1.82x -> 2.15x; in 4x4
-    blocks 128->256 8x8 1.44x -> 1.85x, 32->32 14x14 1.97x -> 2.31x, 256->256 7x7 / 8x8
-    1.66x / 2.03x -> 1.80x / 2.32x; with half the kernels dropped 128->256 8x8 3.26x -> 3.80x,
-    64->64 8x8 3.13x -> 3.67x, 256->256 7x7 2.50x -> 3.10x. (The same code read 1.85x and
+    chwn (batch blocks of ``lanes`` images) likewise, where one batch block's output gradient
+    and input fit L2 and a slice still holds ``CHWN_GRAD_WEIGHT_SLICE_PIXELS`` pixels of its
+    blocks: each block's tree reduction and gradient update come once a slice, and a 512->512
+    4x4 layer in slices of one batch block (16 pixels) fell from 1.73x to 0.53x of dense.
+    Measured (session 13, Zen 3, in-process A/Bs, 4/9 per kernel): 64->64 7x7 1.55x / 1.65x /
+    1.74x -> 1.67x / 1.74x / 1.70x, 64->64 8x8 2.06x -> 2.16x, 32->32 14x14 1.74x -> 1.95x,
+    128->128 4x4 (slices of two blocks) 1.80x -> 1.93x, 64->64 4x4 2.60x -> 3.11x, 32->64 7x7
+    1.82x -> 2.15x, 32->64 16x16 stride 2 1.94x -> 2.20x; in 4x4 blocks 32->32 14x14 1.97x ->
+    2.31x, 64->64 8x8 1.39x -> 1.50x; with half the kernels dropped 64->64 8x8 3.13x -> 3.67x,
+    64->64 7x7 1.41x -> 1.53x. Where one batch block's data outgrows L2 (256->256 7x7 / 8x8,
+    128->256 7x7 / 8x8, 1-1.3 MB) the slices do not fit either and the A/Bs went both ways
+    (256->256 7x7 1.39x -> 1.50x, 1.59x -> 1.16x, 1.66x -> 1.69x; 128->256 8x8 1.64x -> 2.05x,
+    1.86x -> 1.77x, 2.05x -> 2.21x): those take the whole batch. (The same code read 1.85x and
     1.47x in one A/B of an unchanged plan: single figures move by up to a quarter.)"""
     if layout == "chwn" and not cuda and GRAD_WEIGHT_SLICES and CHWN_GRAD_WEIGHT_SLICES:
         per_block = 4 * lanes * (geom.out_channels * out_h * out_w + geom.in_channels * in_h * in_w)
-        blocks = max(1, l2_bytes // per_block)
-        return blocks if blocks * out_h * out_w >= CHWN_GRAD_WEIGHT_SLICE_PIXELS else 0
+        blocks = l2_bytes // per_block
+        return blocks if blocks and blocks * out_h * out_w >= CHWN_GRAD_WEIGHT_SLICE_PIXELS else 0
     if cuda or layout != "nchw" or not GRAD_WEIGHT_SLICES:
         return 0
     per_image = 4 * (geom.out_channels * out_h * out_w + geom.in_channels * in_h * in_w)
