@@ -131,8 +131,9 @@ def _planes_alias(plane_bytes: int, channels: int = NCHW_ALIAS_CHANNELS) -> bool
     return any(starts[i + 2] - starts[i] < NCHW_ALIAS_WINDOW for i in range(channels))
 
 
-def nchw_frame(height: int, width: int, nchw: bool = True) -> tuple[int, int]:
-    """(height, width) of a direct conv's padded input frame: rows widened by pairs of zero
+def nchw_frame(height: int, width: int, widen: bool = True) -> tuple[int, int]:
+    """(height, width) of a direct conv's padded input frame (``widen``: an nchw one read at
+    stride 1, whose rows may be widened; else as it is): rows widened by pairs of zero
     columns until consecutive channels' planes spread over the L1's sets (``_planes_alias``).
     A task reads the same rows of every source channel in turn; planes about 4 KB apart put
     them in the same few sets of the 8-way L1, and 16 channels of one tile's window thrash
@@ -141,7 +142,7 @@ def nchw_frame(height: int, width: int, nchw: bool = True) -> tuple[int, int]:
     dense to 1.53x / 1.55x at 36 columns, 1.57x / 1.47x at 38 (42: 1.53x / 1.35x); frames whose
     planes spread (16->16 32x32, 32->32 16x16, 64->128 16x16) were even or lost a few per
     cent when widened anyway."""
-    while nchw and _planes_alias(4 * height * width):
+    while widen and _planes_alias(4 * height * width):
         width += 2
     return height, width
 
@@ -430,8 +431,6 @@ def grad_weight_group(target: KernelTarget, layout: str = "nchw", pixels: int = 
 
 
 GRAD_WEIGHT_SLICES = True  # CPU grad-weight: by slices of the batch whose output gradient and input fill a core's L2
-
-
 CHWN_GRAD_WEIGHT_SLICES = True  # chwn grad-weight: by slices of the batch blocks too (grad_weight_slice)
 CHWN_GRAD_WEIGHT_SLICE_PIXELS = 32  # ... where a slice holds this many pixels of its batch blocks or more
 
