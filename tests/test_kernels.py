@@ -1253,6 +1253,7 @@ def test_nchw_frames_spread_channel_planes_over_the_l1_sets():
     assert plan.grad_weight_reads_forward_input and plan.relayouts["forward_in"].cols == 36
     assert "(n, 16, 30, 36)" in sources[plan.forward.name]
     assert (planned(16, 16, 32, 1, "llvm")[0].forward.in_w, planned(16, 32, 28, 2, "llvm")[0].forward.in_w) == (34, 33)
+    assert planned(16, 16, 28, 1, "cuda")[0].forward.in_w == 30  # CUDA's frames as they are
 
 
 @pytest.mark.parametrize("case", [(3, 16, 16, 28, 28, 1, 1, 1, 0.0, True), (2, 16, 8, 28, 28, 1, 1, 1, 0.5, False)])

@@ -569,8 +569,9 @@ def plan_kernels(geom: ConvGeometry, library: torch.Tensor, target: KernelTarget
     kernels_f, kernels_g = row_kernels or (geom.in_channels, geom.out_channels)
     group_f, rows_f, lanes_f, oh, ow, columns_f = _tile(fwd_layout, geom.out_h, geom.out_w, target, cuda, row_groups[0])
     group_g, rows_g, lanes_g, ih, iw, columns_g = _tile(gi_layout, geom.in_h, geom.in_w, target, cuda, row_groups[1])
-    fwd_in = nchw_frame((oh - 1) * sh + 2 * dh + 1, (ow - 1) * sw + 2 * dw + 1, fwd_layout == "nchw" and sw == 1)
-    gi_in = nchw_frame(ih - 1 + 2 * dh + 1, iw - 1 + 2 * dw + 1, gi_layout == "nchw")
+    # CPU nchw frames read at stride 1 get wider rows where channel planes alias in L1 (CUDA's as they are)
+    fwd_in = nchw_frame((oh - 1) * sh + 2 * dh + 1, (ow - 1) * sw + 2 * dw + 1, not cuda and fwd_layout == "nchw" and sw == 1)
+    gi_in = nchw_frame(ih - 1 + 2 * dh + 1, iw - 1 + 2 * dw + 1, not cuda and gi_layout == "nchw")
     tag = f"{geom.tag()}_{abs(hash(fwd_offsets)) % 10**8}"
     fwd_tag, gi_tag = (tag + (f"_g{g}" if g > 1 else "") for g in (group_f, group_g))
     # strided CPU grad-input: one stride-1 kernel per stride phase (plan_grad_input_phases)
