@@ -473,14 +473,14 @@ def grad_weight_slice(geom: ConvGeometry, layout: str, out_h: int, out_w: int, i
     (256->256 7x7 1.39x -> 1.50x, 1.59x -> 1.16x, 1.66x -> 1.69x; 128->256 8x8 1.64x -> 2.05x,
     1.86x -> 1.77x, 2.05x -> 2.21x): those take the whole batch. (The same code read 1.85x and
     1.47x in one A/B of an unchanged plan: single figures move by up to a quarter.)"""
-    if layout == "chwn" and not cuda and GRAD_WEIGHT_SLICES and CHWN_GRAD_WEIGHT_SLICES:
-        per_block = 4 * lanes * (geom.out_channels * out_h * out_w + geom.in_channels * in_h * in_w)
-        blocks = l2_bytes // per_block
-        return blocks if blocks and blocks * out_h * out_w >= CHWN_GRAD_WEIGHT_SLICE_PIXELS else 0
-    if cuda or layout != "nchw" or not GRAD_WEIGHT_SLICES:
+    chwn = layout == "chwn"
+    if cuda or not GRAD_WEIGHT_SLICES or (chwn and not CHWN_GRAD_WEIGHT_SLICES):
         return 0
-    per_image = 4 * (geom.out_channels * out_h * out_w + geom.in_channels * in_h * in_w)
-    return max(1, l2_bytes // per_image)
+    images = lanes if chwn else 1  # a slice's unit: an image, in chwn a batch block
+    units = l2_bytes // (4 * images * (geom.out_channels * out_h * out_w + geom.in_channels * in_h * in_w))
+    if chwn:
+        return units if units * out_h * out_w >= CHWN_GRAD_WEIGHT_SLICE_PIXELS else 0
+    return max(1, units)
 
 
 def grad_weight_blocks(fwd: FilterKernelLayout, num_patterns: int, group: int):
